@@ -1,0 +1,408 @@
+"""One configuration tree for every stage, with named profiles and method presets.
+
+A run is described by :class:`Config`: nested dataclasses whose dotted paths are the keys of
+``--set key=value`` (``train.lr=1e-5``, ``model.sim=false``). Three named profiles fix the scale:
+
+* ``smoke``: tests and CI; a few minutes on 2 CPU cores, tiny images and one epoch.
+* ``demo``: the embedded default; meaningful on the synthetic dataset in well under 30 minutes on 2 CPU cores.
+* ``paper``: the paper's hyperparameters (sec. 4.1) for a GPU and the real datasets.
+
+Method presets (``--set method=...``) switch the method on top of a profile:
+
+* ``pbip``: the paper (default).
+* ``cam``: baseline CAM; a 1x1-conv head on the same backbone, L_CLS only, same schedule.
+* ``official``: the public code's behaviour as listed in DESIGN.md ("What the official code does differently").
+
+Resolution order: profile defaults -> YAML file (``--config``) -> ``method`` preset -> ``--set`` overrides. A preset
+only changes the keys it names, so ``--set method=official --set train.lr=1e-5`` keeps the override.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+PROFILES = ("smoke", "demo", "paper")
+METHODS = ("pbip", "cam", "official")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"          # dataset folder (DESIGN.md format)
+    image_size: int = 224             # images are resized to this square size for training
+    augment: bool = True              # flips + rot90 (sec. 4.1)
+    num_workers: int = 0
+    max_train: int = 0                # 0 = all training images; >0 caps them (smoke runs)
+
+
+@dataclass
+class BankConfig:
+    encoder: str = "pathmnist-densenet121"   # name in encoders.ENCODERS
+    k: int = 3                        # K clusters per class (sec. 3.2)
+    nk: int = 100                     # N_K images kept per cluster
+    white_threshold: float = 0.5      # drop images whose white-pixel share is above this
+    selection: str = "cluster"        # "cluster" (paper) | "random" (Fig. 4) | "centroid" (official: centres, all images)
+    kmeans_iters: int = 100
+    kmeans_restarts: int = 5
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mit_b1"          # mit_b1 | resnet18 | resnet50 | efficientnet_lite0 | ...
+    pretrained: bool = True           # load the backbone's pretrained weights (error if unavailable)
+    levels: tuple[int, ...] = (2, 3, 4)   # backbone stages used as F_i (paper: 3 levels; official: 1-4)
+    sim: bool = True                  # eq. 2 cosine SIM head; False = 1x1 conv head (Table 5)
+    at: bool = True                   # adaptive threshold (eq. 4); False = b = 1 everywhere (Table 5)
+    delta: float = 0.15               # eq. 4
+    threshold_scope: str = "class"    # "class": max per image and class (paper); "global": max over all channels (official)
+    proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i
+    logit_scale: float = 1.0          # multiplies the cosine maps before GAP/sigmoid; official: learnable, init 1/0.07
+    learn_logit_scale: bool = False
+    normalize_prototypes: bool = True # official code leaves projected prototypes unnormalised
+    fgbg: str = "exact"               # "exact": encode X_FG and X_BG (paper); "pooled": approximate (issue 6)
+    fg_mask_source: str = "paper"     # "paper": b*M*X with M = sigmoid-free normalised cams; "official": min-max raw logits
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0                # eq. 6
+    beta: float = 0.5
+    theta1: float = 1.0               # eq. 13
+    theta2: float = 0.5
+    tau: float = 1.0                  # temperature of eq. 9, 11
+    fgs: bool = True                  # switch L_FGS on/off (Table 2)
+    bgs: bool = True                  # switch L_BGS on/off (Table 2)
+    cls: bool = True
+    cls_level_weights: tuple[float, ...] = ()   # () = 1 for every level (eq. 8); official: 0, 0.1, 1, 1
+    cam_reg: float = 0.0              # official: 0.0005 * mean(CAM of the last level)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 10
+    lr: float = 1e-5
+    weight_decay: float = 0.003
+    schedule: str = "constant"        # "constant" | "linear" (official: linear decay) | "poly"
+    warmup_steps: int = 0
+    device: str = "auto"              # "auto" = cuda if available else cpu
+    encoder_chunk: int = 0            # encode FG/BG in chunks of this many images (0 = one batched call)
+    amp: bool = False                 # bf16 autocast on GPU
+    val_every: int = 1                # validate pseudo masks every N epochs (0 = never)
+    max_val: int = 0                  # cap validation images (0 = all)
+    log_every: int = 10
+    channels_last: bool = False
+
+
+@dataclass
+class PseudoConfig:
+    level_weights: tuple[float, ...] = ()   # () = equal weights over the used levels
+    labels: str = "gt"                # "gt": classes present in the GT mask (val/test); "predicted": classifier
+    predict_threshold: float = 0.5    # image-label threshold for labels="predicted"
+    white_background: bool = True    # pixels that are white in the image become background_index
+    white_threshold: float = 0.85     # a pixel is white if min(R,G,B)/255 > this (after a 3x3 median)
+
+
+@dataclass
+class Stage2Config:
+    backbone: str = "resnet101"       # resnet101 (paper: DeepLab-v2) | resnet18 / efficientnet_lite0 (CPU)
+    pretrained: bool = True
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 2.5e-4                # DeepLab-v2 defaults (Chen et al. 2017); head gets 10x
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    power: float = 0.9                # poly schedule
+    image_size: int = 224
+    ms_flip: bool = False             # multi-scale + flip inference
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    profile: str = "demo"
+    method: str = "pbip"
+    data: DataConfig = field(default_factory=DataConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    # ------------------------------------------------------------------ dict / hash helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. ``{"train.lr": 1e-5, ...}``."""
+        return dict(_flatten(self.to_dict()))
+
+    def hash(self, exclude: Iterable[str] = ("train.device", "data.num_workers", "train.log_every")) -> str:
+        """Content hash of the configuration (used to skip finished runs)."""
+        flat = {k: v for k, v in self.flat().items() if k not in set(exclude)}
+        blob = json.dumps(flat, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(_to_yaml(self.to_dict()), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- profiles and presets
+_PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
+    # CI: minutes on 2 cores. Tiny images, a light pretrained CNN backbone and encoder that ship in PyPI packages.
+    "smoke": {
+        "data.image_size": 64, "data.max_train": 48, "data.augment": False,
+        "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 2, "bank.nk": 5, "bank.kmeans_restarts": 2,
+        "model.backbone": "efficientnet_lite0", "model.levels": (2, 3, 4),
+        "train.epochs": 1, "train.batch_size": 8, "train.lr": 1e-4, "train.max_val": 8, "train.log_every": 1,
+        "stage2.backbone": "resnet18", "stage2.pretrained": False, "stage2.epochs": 1, "stage2.batch_size": 8,
+        "stage2.image_size": 64, "stage2.lr": 1e-2,
+    },
+    # The embedded default: the synthetic dataset on 2 CPU cores.
+    "demo": {
+        "data.image_size": 128,
+        "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 3, "bank.nk": 20,
+        "model.backbone": "efficientnet_lite0", "model.levels": (2, 3, 4),
+        "train.epochs": 3, "train.batch_size": 10, "train.lr": 1e-4, "train.weight_decay": 0.003,
+        "train.max_val": 0, "train.log_every": 10,
+        "stage2.backbone": "efficientnet_lite0", "stage2.pretrained": True, "stage2.epochs": 6,
+        "stage2.batch_size": 10, "stage2.image_size": 128, "stage2.lr": 1e-2,
+    },
+    # Sec. 4.1 of the paper.
+    "paper": {
+        "data.image_size": 224,
+        "bank.encoder": "medclip", "bank.k": 3, "bank.nk": 100,
+        "model.backbone": "mit_b1", "model.levels": (2, 3, 4), "model.delta": 0.15,
+        "loss.alpha": 1.0, "loss.beta": 0.5, "loss.theta1": 1.0, "loss.theta2": 0.5, "loss.tau": 1.0,
+        "train.epochs": 10, "train.batch_size": 10, "train.lr": 1e-5, "train.weight_decay": 0.003,
+        "train.amp": True,
+        "stage2.backbone": "resnet101", "stage2.epochs": 20, "stage2.batch_size": 10, "stage2.image_size": 224,
+    },
+}
+
+_METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "pbip": {},
+    # Baseline CAM: same backbone and schedule, a 1x1 conv classifier, L_CLS only.
+    "cam": {"model.sim": False, "loss.fgs": False, "loss.bgs": False},
+    # The official repository's behaviour (DESIGN.md).
+    "official": {
+        "model.levels": (1, 2, 3, 4), "model.normalize_prototypes": False, "model.learn_logit_scale": True,
+        "model.logit_scale": 1 / 0.07, "model.threshold_scope": "global", "model.delta": 0.5,
+        "model.fg_mask_source": "official",
+        "bank.selection": "centroid",
+        "loss.cls_level_weights": (0.0, 0.1, 1.0, 1.0), "loss.beta": 0.1, "loss.theta1": 1.0,
+        "loss.theta2": 1.0, "loss.tau": 0.07, "loss.cam_reg": 0.0005,
+        "train.schedule": "linear",
+        "pseudo.level_weights": (0.0, 0.3, 0.3, 0.4), "pseudo.white_background": False,
+    },
+}
+
+# Keys whose preset value only applies on top of the paper profile (the CPU profiles keep their scale).
+_PAPER_ONLY_OFFICIAL = {"train.lr": 5e-5, "train.weight_decay": 1e-3, "train.epochs": 8}
+
+
+def profile_overrides(profile: str) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return dict(_PROFILE_OVERRIDES[profile])
+
+
+def method_preset(method: str, profile: str = "paper") -> dict[str, Any]:
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    preset = dict(_METHOD_PRESETS[method])
+    if method == "official" and profile == "paper":
+        preset.update(_PAPER_ONLY_OFFICIAL)
+    return preset
+
+
+def make_config(
+    profile: str = "demo",
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    yaml_path: str | Path | None = None,
+) -> Config:
+    """Build a :class:`Config` from a profile, an optional YAML file and overrides.
+
+    ``overrides`` is a mapping of dotted keys or an iterable of ``"key=value"`` strings (as from ``--set``).
+    ``method`` may be among them; its preset is applied before the other overrides.
+    """
+    cfg = Config(profile=profile)
+    apply_overrides(cfg, profile_overrides(profile))
+    if yaml_path is not None:
+        apply_overrides(cfg, dict(_flatten(load_yaml(yaml_path))))
+    ov = parse_overrides(overrides or {})
+    method = ov.pop("method", None) or cfg.method
+    cfg.method = str(method)
+    apply_overrides(cfg, method_preset(cfg.method, profile))
+    apply_overrides(cfg, ov)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config saved by :meth:`Config.save` (exactly, without re-applying profiles)."""
+    cfg = Config()
+    apply_overrides(cfg, dict(_flatten(load_yaml(path))))
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    return data
+
+
+def parse_overrides(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """``["train.lr=1e-5", "model.sim=false"]`` -> ``{"train.lr": 1e-5, "model.sim": False}``."""
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    for key, value in overrides.items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"unknown config key {key!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key, coercing the value to the field's type (``"1e-5"`` -> float, ``"false"`` -> bool)."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            raise ConfigError(f"unknown config key {key!r}; see `pbip config --profile demo` for all keys")
+        obj = getattr(obj, part)
+    name = parts[-1]
+    fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    if name not in fields or dataclasses.is_dataclass(getattr(obj, name)):
+        raise ConfigError(f"unknown config key {key!r}; see `pbip config --profile demo` for all keys")
+    setattr(obj, name, _coerce(key, getattr(obj, name), value))
+
+
+def _coerce(key: str, current: Any, value: Any) -> Any:
+    if isinstance(value, str) and not isinstance(current, str):
+        value = yaml.safe_load(value)
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if isinstance(current, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if isinstance(current, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(current, tuple):
+            if isinstance(value, (int, float)):
+                value = [value]
+            if isinstance(value, str):
+                value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            return tuple(value)
+        if isinstance(current, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key {key!r}: cannot use {value!r} (expected {type(current).__name__})"
+        ) from None
+    return value
+
+
+def validate(cfg: Config) -> None:
+    if cfg.profile not in PROFILES:
+        raise ConfigError(f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    checks = [
+        (0.0 <= cfg.model.delta <= 1.0, "model.delta must be in [0, 1] (eq. 4)"),
+        (cfg.bank.k >= 1, "bank.k must be >= 1"),
+        (cfg.bank.nk >= 1, "bank.nk must be >= 1"),
+        (cfg.loss.tau > 0, "loss.tau must be > 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.epochs >= 0, "train.epochs must be >= 0"),
+        (cfg.bank.selection in ("cluster", "random", "centroid"), "bank.selection must be cluster|random|centroid"),
+        (cfg.model.fgbg in ("exact", "pooled"), "model.fgbg must be exact|pooled"),
+        (cfg.model.threshold_scope in ("class", "global"), "model.threshold_scope must be class|global"),
+        (cfg.pseudo.labels in ("gt", "predicted"), "pseudo.labels must be gt|predicted"),
+        (len(cfg.model.levels) >= 1 and all(1 <= lv <= 4 for lv in cfg.model.levels),
+         "model.levels must be backbone stages in 1..4"),
+        (not cfg.loss.cls_level_weights or len(cfg.loss.cls_level_weights) == len(cfg.model.levels),
+         "loss.cls_level_weights needs one weight per entry of model.levels"),
+        (not cfg.pseudo.level_weights or len(cfg.pseudo.level_weights) == len(cfg.model.levels),
+         "pseudo.level_weights needs one weight per entry of model.levels"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------- helpers
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _to_yaml(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _to_yaml(v) for k, v in d.items()}
+    if isinstance(d, tuple):
+        return list(d)
+    return d
+
+
+def config_table(cfg: Config) -> str:
+    """All keys and values, one per line (``pbip config``)."""
+    flat = cfg.flat()
+    width = max(len(k) for k in flat)
+    return "\n".join(f"{k:<{width}}  {v!r}" for k, v in flat.items())
+
+
+def clone(cfg: Config) -> Config:
+    return copy.deepcopy(cfg)
