@@ -166,7 +166,9 @@ class PrototypeBank:
         if not path.is_file():
             raise DataError(f"{path}: prototype bank not found (build one with `pbip bank --data DIR --out {path}`)")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():           # the official pickle uses protocol 4: torch warns, reads it fine
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             obj = _load_official_pickle(path)
         if not isinstance(obj, dict) or "features" not in obj:
