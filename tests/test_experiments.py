@@ -1,0 +1,183 @@
+"""The experiment runner: planning, hashing, resumable execution, dry run (pbip_core.experiments)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from pbip_core import experiments as ex
+from pbip_core.errors import ConfigError
+
+
+def _grid(tmp_path, **kw):
+    d = {"name": "g", "profile": "smoke", "datasets": [str(tmp_path / "ds")], "methods": ["pbip", "cam"],
+         "variants": {"default": {}}, "seeds": [0, 1], "stage2": False, "splits": ["val"]}
+    d.update(kw)
+    return ex.load_grid(d)
+
+
+class FakeStep:
+    """Records calls; raises ``exc`` on the call numbers in ``fail_on`` (1-based)."""
+
+    def __init__(self, fail_on=(), exc=RuntimeError):
+        self.calls: list[str] = []
+        self.fail_on, self.exc = set(fail_on), exc
+
+    def __call__(self, spec, run_dir):
+        self.calls.append(spec.hash)
+        assert run_dir.is_dir() and (run_dir / "config.yaml").is_file()
+        if len(self.calls) in self.fail_on:
+            raise self.exc("boom")
+        return {"stage1.val.miou": 0.5 + 0.01 * spec.seed, "stage1.val.iou.TUM": 0.4}
+
+
+def test_plan_is_the_cartesian_product_with_configs(tmp_path):
+    g = _grid(tmp_path, variants={"default": {}, "k2": {"bank.k": 2, "model.delta": 0.3}})
+    specs = ex.plan(g)
+    assert len(specs) == 1 * 2 * 2 * 2
+    cam = [s for s in specs if s.method == "cam"][0]
+    assert cam.cfg.model.sim is False and cam.cfg.profile == "smoke"
+    k2 = [s for s in specs if s.variant == "k2"]
+    assert len(k2) == 4 and all(s.cfg.bank.k == 2 and s.cfg.model.delta == 0.3 for s in k2)
+    assert {s.cfg.train.seed for s in specs} == {0, 1}
+    assert all(s.cfg.data.root == str(tmp_path / "ds") for s in specs)
+    assert all(s.cfg.bank.seed == 0 for s in specs)  # the bank does not vary with the training seed
+    assert len({s.hash for s in specs}) == len(specs)
+
+
+def test_identical_configs_are_one_run(tmp_path):
+    # the cam preset already switches L_BGS off, so cam/no_bgs == cam/default
+    g = _grid(tmp_path, variants={"default": {}, "no_bgs": {"loss.bgs": False}}, seeds=[0])
+    specs = ex.plan(g, quiet=True)
+    labels = [(s.method, s.variant) for s in specs]
+    assert labels == [("pbip", "default"), ("pbip", "no_bgs"), ("cam", "default")]
+    assert specs[2].aliases == ["cam/no_bgs"]
+    df = ex.run_grid(g, tmp_path / "results", step=FakeStep())
+    assert df.set_index("method").loc["cam", "aliases"] == "cam/no_bgs"
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = ex.plan(_grid(tmp_path))
+    b = ex.plan(_grid(tmp_path))
+    assert [s.hash for s in a] == [s.hash for s in b]
+    # same config, different grid stage flags or dataset -> different run
+    c = ex.plan(_grid(tmp_path, stage2=True))
+    d = ex.plan(_grid(tmp_path, datasets=[str(tmp_path / "other")]))
+    e = ex.plan(_grid(tmp_path, overrides={"train.lr": 0.5}))
+    for other in (c, d, e):
+        assert not {s.hash for s in a} & {s.hash for s in other}
+    # the grid's name and the order of its lists do not change a run's identity
+    f = ex.plan(_grid(tmp_path, name="renamed", seeds=[1, 0], methods=["cam", "pbip"]))
+    assert {s.hash for s in a} == {s.hash for s in f}
+    # a hash is 16 hex digits
+    assert all(len(s.hash) == 16 and int(s.hash, 16) >= 0 for s in a)
+
+
+def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path):
+    g = _grid(tmp_path)
+    results = tmp_path / "results"
+    step = FakeStep(fail_on={3}, exc=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_grid(g, results, step=step)
+    first_two = step.calls[:2]
+    assert len(step.calls) == 3
+    assert len(ex.load_results(results / "g.csv")) == 2
+
+    step2 = FakeStep()
+    df = ex.run_grid(g, results, step=step2)
+    assert not set(first_two) & set(step2.calls)
+    assert len(step2.calls) == 2  # the interrupted run and the one never started
+    assert len(df) == 4 and df["hash"].is_unique and (df["status"] == "ok").all()
+    assert set(df["hash"]) == {s.hash for s in ex.plan(g)}
+
+    step3 = FakeStep()
+    ex.run_grid(g, results, step=step3)
+    assert step3.calls == []
+
+
+def test_failed_run_is_recorded_and_retried(tmp_path):
+    g = _grid(tmp_path)
+    results = tmp_path / "results"
+    step = FakeStep(fail_on={3})
+    df = ex.run_grid(g, results, step=step)
+    assert len(step.calls) == 4  # a failure does not stop the grid
+    assert sorted(df["status"]) == ["failed", "ok", "ok", "ok"]
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert "RuntimeError: boom" in failed["error"]
+    assert (results / "runs" / failed["hash"] / "error.txt").is_file()
+
+    step2 = FakeStep()
+    df2 = ex.run_grid(g, results, step=step2)
+    assert step2.calls == [failed["hash"]]
+    assert len(df2) == 4 and (df2["status"] == "ok").all() and df2["hash"].is_unique
+
+
+def test_table_columns(tmp_path):
+    g = _grid(tmp_path, seeds=[0])
+    df = ex.run_grid(g, tmp_path / "results", step=FakeStep())
+    for col in ("grid", "hash", "dataset", "method", "variant", "seed", "status", "wall_time_s",
+                "train.lr", "model.sim", "bank.encoder", "stage2.backbone", "stage1.val.miou", "stage1.val.iou.TUM"):
+        assert col in df.columns, col
+    assert df.set_index("method").loc["cam", "model.sim"] in (False, "False")
+    assert df.set_index("method").loc["pbip", "stage1.val.miou"] == pytest.approx(0.5)
+    # the file on disk is the same table
+    disk = pd.read_csv(tmp_path / "results" / "g.csv")
+    assert len(disk) == 2 and list(disk.columns[:6]) == ["grid", "hash", "dataset", "method", "variant", "seed"]
+
+
+def test_flatten_metrics():
+    flat = ex.flatten_metrics("stage2", "test", {"miou": 0.5, "per_class_iou": {"TUM": 0.7, "STR": 0.3},
+                                                  "n_images": 4, "confusion": [[1, 2], [3, 4]]})
+    assert flat == {"stage2.test.miou": 0.5, "stage2.test.iou.TUM": 0.7, "stage2.test.iou.STR": 0.3,
+                    "stage2.test.n_images": 4}
+
+
+def test_dry_run_lists_runs_and_missing_datasets(tmp_path, capsys):
+    g = _grid(tmp_path, datasets=[str(tmp_path / "no-such-dataset")])
+    step = FakeStep()
+    df = ex.run_grid(g, tmp_path / "results", dry_run=True, step=step)
+    out = capsys.readouterr().out
+    assert step.calls == []
+    assert len(df) == 4 and set(df["status"]) == {"pending"}
+    assert "no-such-dataset: folder not found" in out
+    for s in ex.plan(g):
+        assert s.hash in out
+    assert not (tmp_path / "results" / "g.csv").exists()
+
+
+def test_dry_run_marks_done_runs(tmp_path):
+    (tmp_path / "ds").mkdir()
+    g = _grid(tmp_path, seeds=[0])
+    ex.run_grid(g, tmp_path / "results", step=FakeStep())
+    df = ex.run_grid(g, tmp_path / "results", dry_run=True)
+    assert set(df["status"]) == {"done"}
+    assert not any("ds: folder not found" in m for m in df.attrs["missing"])
+
+
+def test_cli_dry_run_on_builtin_paper_grid(capsys, tmp_path, monkeypatch):
+    from pbip_core.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the grid's relative data/bcss-wsss is certainly missing here
+    rc = main(["run", "--dry-run", "table1-bcss-wsss"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "grid table1-bcss-wsss (profile paper" in out
+    assert "missing:" in out and "bcss-wsss: folder not found" in out
+    assert out.count("pending") == 5
+
+
+def test_builtin_grids_load():
+    for p in sorted(ex.GRIDS_DIR.glob("*.yaml")):
+        g = ex.load_grid(p)
+        assert ex.plan(g), p
+
+
+def test_bad_grids_raise_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown grid keys"):
+        ex.load_grid({"name": "x", "sedes": [0]})
+    with pytest.raises(ConfigError, match="not found"):
+        ex.load_grid(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError):
+        ex.plan(ex.load_grid({"name": "x", "methods": ["nope"]}))
+    with pytest.raises(ConfigError, match="split"):
+        ex.load_grid({"name": "x", "splits": ["dev"]})
