@@ -1,0 +1,186 @@
+"""``pbip data check DIR`` and ``pbip data list``.
+
+``check`` reads a dataset folder the way training and evaluation will and reports every problem at once,
+one line each (``<file or folder>: <reason>``), so a new dataset can be fixed in one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..io import read_mask, read_rgb
+from .folder import MASK_SPLITS, DatasetInfo, _pngs, bad_mask_values, load_info, parse_label
+from .manifest import load_manifest
+
+
+@dataclass
+class CheckReport:
+    """What :func:`inspect_dataset` found: the problems and, for the OK line, the counts."""
+
+    root: Path
+    info: DatasetInfo | None = None
+    problems: list[str] = field(default_factory=list)
+    n_train: int = 0
+    label_counts: np.ndarray | None = None      # (N,) images carrying each class
+    single_counts: np.ndarray | None = None     # (N,) images carrying only that class
+    n_split: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        info = self.info
+        assert info is not None
+        names = info.classes
+        per = ", ".join(f"{c} {int(v)}" for c, v in zip(names, self.label_counts))
+        single = ", ".join(f"{c} {int(v)}" for c, v in zip(names, self.single_counts))
+        return (
+            f"OK: {info.name}, {info.n_classes} classes [{', '.join(names)}], train {self.n_train} images "
+            f"(labels per class: {per}; single-class: {single}), "
+            + ", ".join(f"{s} {self.n_split.get(s, 0)}" for s in MASK_SPLITS)
+        )
+
+
+def check_dataset(root: str | Path, max_images: int = 0) -> list[str]:
+    """Every problem of a dataset folder, one line each (empty list = the folder is fine).
+
+    ``max_images > 0`` reads at most that many image files per split (names and pairing are always checked).
+    A missing ``root`` raises :class:`DataError`.
+    """
+    return inspect_dataset(root, max_images).problems
+
+
+def inspect_dataset(root: str | Path, max_images: int = 0, progress: bool = False) -> CheckReport:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    rep = CheckReport(root)
+    try:
+        rep.info = load_info(root)
+    except DataError as e:
+        rep.problems.append(str(e))
+    _check_train(rep, max_images, progress)
+    for split in MASK_SPLITS:
+        _check_split(rep, split, max_images, progress)
+    return rep
+
+
+def _limit(items: list, max_images: int) -> list:
+    return items[:max_images] if max_images > 0 else items
+
+
+def _check_train(rep: CheckReport, max_images: int, progress: bool) -> None:
+    folder = rep.root / "train"
+    if not folder.is_dir():
+        rep.problems.append(f"{folder}: training folder not found (expected DIR/train/*.png)")
+        return
+    files = _pngs(folder)
+    if not files:
+        rep.problems.append(f"{folder}: split is empty (no .png training images)")
+        return
+    rep.n_train = len(files)
+    info = rep.info
+    labels = []
+    if info is not None:
+        for p in files:
+            try:
+                labels.append(parse_label(str(p), info.n_classes))
+            except DataError as e:
+                rep.problems.append(str(e))
+        lab = np.stack(labels) if labels else np.zeros((0, info.n_classes), np.int64)
+        rep.label_counts = lab.sum(0)
+        rep.single_counts = (lab * (lab.sum(1, keepdims=True) == 1)).sum(0)
+    for p in tqdm(_limit(files, max_images), desc="check train", disable=not progress, leave=False):
+        try:
+            read_rgb(p)
+        except DataError as e:
+            rep.problems.append(str(e))
+
+
+def _check_split(rep: CheckReport, split: str, max_images: int, progress: bool) -> None:
+    base = rep.root / split
+    img_dir, mask_dir = base / "img", base / "mask"
+    missing = [d for d in (img_dir, mask_dir) if not d.is_dir()]
+    for d in missing:
+        rep.problems.append(f"{d}: folder not found (expected DIR/{split}/img/*.png and DIR/{split}/mask/*.png)")
+    if missing:
+        return
+    imgs = {p.name: p for p in _pngs(img_dir)}
+    masks = {p.name: p for p in _pngs(mask_dir)}
+    for name in sorted(set(masks) - set(imgs)):
+        rep.problems.append(f"{masks[name]}: mask without an image (no {img_dir / name})")
+    for name in sorted(set(imgs) - set(masks)):
+        rep.problems.append(f"{imgs[name]}: image without a mask (no {mask_dir / name})")
+    if not imgs and not masks:
+        rep.problems.append(f"{base}: split is empty (no .png files in {img_dir} or {mask_dir})")
+    both = sorted(set(imgs) & set(masks))
+    rep.n_split[split] = len(both)
+    for name in tqdm(_limit(both, max_images), desc=f"check {split}", disable=not progress, leave=False):
+        image = mask = None
+        try:
+            image = read_rgb(imgs[name])
+        except DataError as e:
+            rep.problems.append(str(e))
+        try:
+            mask = read_mask(masks[name])
+        except DataError as e:
+            rep.problems.append(str(e))
+        if mask is None:
+            continue
+        if image is not None and mask.shape[:2] != image.shape[:2]:
+            rep.problems.append(
+                f"{masks[name]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
+        if rep.info is not None:
+            bad = bad_mask_values(mask, rep.info)
+            if bad:
+                rep.problems.append(
+                    f"{masks[name]}: mask values {bad} outside the classes 0..{rep.info.n_classes - 1} and "
+                    f"background {rep.info.background_index}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+    c = sub.add_parser("check", help="check a dataset folder and report every problem",
+                       description="Check a dataset folder (DESIGN.md format) and report every problem at once.")
+    c.add_argument("dir", metavar="DIR", help="dataset folder")
+    c.add_argument("--max-images", type=int, default=0,
+                   help="read at most N image files per split (0 = all; names and pairs are always checked)")
+    sub.add_parser("list", help="list the datasets and weights of data_manifest.yaml and where to get them")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.data_command == "list":
+        print(format_manifest(load_manifest()))
+        return 0
+    rep = inspect_dataset(args.dir, max_images=args.max_images, progress=True)
+    if rep.problems:
+        for line in rep.problems:
+            print(line)
+        n = len(rep.problems)
+        print(f"{n} problem{'s' if n != 1 else ''} found in {rep.root}")
+        return 2
+    print(rep.summary())
+    return 0
+
+
+def format_manifest(m: dict) -> str:
+    lines = ["Datasets (data_manifest.yaml):"]
+    for name, d in m["datasets"].items():
+        splits = d.get("splits") or {}
+        sizes = "/".join(str(splits.get(s, "?")) for s in ("train", "val", "test")) if splits else "-"
+        lines.append(f"  {name:<14} {d.get('title', '')}; classes {d.get('classes') or '-'}; "
+                     f"train/val/test {sizes}; expected at {d.get('local_dir')}")
+        lines.append(f"  {'':<14} source: {d.get('source')}; licence: {d.get('licence')}")
+    lines.append("Weights:")
+    for name, w in m["weights"].items():
+        where = w.get("pypi") or w.get("hub_id") or w.get("source")
+        lines.append(f"  {name:<28} {where}; licence: {w.get('licence')}; offline: env {w.get('env')}")
+    return "\n".join(lines)

@@ -1,0 +1,370 @@
+"""Dataset folders in the LUAD-HistoSeg / BCSS-WSSS format (paper sec. 4.1; DESIGN.md "Dataset folder format").
+
+::
+
+    DIR/train/*.png                 image-level labels in the name: ``...-[1 0 0 1].png`` or ``...[1101].png``
+    DIR/val/img/*.png  DIR/val/mask/*.png      same file names in img/ and mask/
+    DIR/test/img/*.png DIR/test/mask/*.png
+    DIR/dataset.yaml                name, classes, background_index, palette (optional for the known datasets)
+
+Masks are single-channel class indices ``0..N-1`` in label-vector order; ``background_index`` (usually N)
+marks white background / excluded pixels, which the metrics ignore.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..io import read_mask, read_rgb
+
+SPLITS = ("train", "val", "test")
+MASK_SPLITS = ("val", "test")
+
+# Known datasets (Han et al. 2022, the MLPS release): no dataset.yaml needed.
+KNOWN_DATASETS: dict[str, dict[str, Any]] = {
+    "luad-histoseg": {
+        "classes": ("TE", "NEC", "LYM", "TAS"),
+        "palette": ((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255)),
+        "background_index": 4,
+    },
+    "bcss-wsss": {
+        "classes": ("TUM", "STR", "LYM", "NEC"),
+        "palette": ((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255)),
+        "background_index": 4,
+    },
+}
+
+YAML_HELP = (
+    "write DIR/dataset.yaml with the keys: name: my-dataset, classes: [A, B, C] (label-vector order = mask "
+    "index order), background_index: 3 (mask value of background/excluded pixels, usually the number of "
+    "classes), palette: [[r,g,b], ...] (optional; one RGB per class, then one for background)"
+)
+
+# A colour-blind-friendly default palette for folders whose dataset.yaml gives none (Okabe-Ito, then grey).
+_DEFAULT_COLOURS = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+    (204, 121, 167), (0, 0, 0), (128, 128, 128), (153, 153, 51),
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset folder is about: class names (label-vector order == mask index order) and colours."""
+
+    name: str
+    classes: tuple[str, ...]
+    background_index: int
+    palette: tuple[tuple[int, int, int], ...]   # len == n_classes + 1 (the last one is the background's)
+    root: Path
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def palette_list(self) -> list[tuple[int, int, int]]:
+        """Palette indexed by mask value, ready for :func:`pbip_core.io.save_png` (background at its index)."""
+        size = max(self.n_classes, self.background_index) + 1
+        out = [(0, 0, 0)] * size
+        for i, rgb in enumerate(self.palette[: self.n_classes]):
+            out[i] = rgb
+        out[self.background_index] = self.palette[-1]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- info
+def known_name(text: str) -> str | None:
+    """``'LUAD-HistoSeg'``, ``'data/luad'`` -> ``'luad-histoseg'``; ``'BCSS-WSSS'`` -> ``'bcss-wsss'``; else None."""
+    t = text.lower()
+    if "luad" in t:
+        return "luad-histoseg"
+    if "bcss" in t:
+        return "bcss-wsss"  # BCSS (Amgad et al.) uses the same four classes in the paper
+    return None
+
+
+def load_info(root: str | Path, name: str | None = None) -> DatasetInfo:
+    """Read ``root/dataset.yaml``, or the defaults of a known dataset (LUAD-HistoSeg, BCSS-WSSS).
+
+    A known dataset is recognised by ``name`` or by the folder name containing 'luad' or 'bcss'
+    (case-insensitive). Anything else without a ``dataset.yaml`` raises :class:`DataError`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    yaml_path = root / "dataset.yaml"
+    if yaml_path.is_file():
+        return _info_from_yaml(yaml_path, root, name)
+    key = known_name(name) if name else known_name(root.resolve().name)
+    if key is None:
+        raise DataError(f"{yaml_path}: missing, and {root.name!r} is not a known dataset; {YAML_HELP}")
+    d = KNOWN_DATASETS[key]
+    return DatasetInfo(key, tuple(d["classes"]), int(d["background_index"]), tuple(d["palette"]), root)
+
+
+def _info_from_yaml(path: Path, root: Path, name: str | None) -> DatasetInfo:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping; {YAML_HELP}")
+    unknown = set(data) - {"name", "classes", "background_index", "palette", "description", "source", "licence",
+                           "license"}
+    if unknown:
+        raise DataError(f"{path}: unknown keys {sorted(unknown)}; {YAML_HELP}")
+    ds_name = str(data.get("name") or name or root.resolve().name)
+    classes = data.get("classes")
+    if classes is None:
+        key = known_name(ds_name)
+        if key is None:
+            raise DataError(f"{path}: 'classes' is missing; {YAML_HELP}")
+        classes = KNOWN_DATASETS[key]["classes"]
+        data.setdefault("palette", KNOWN_DATASETS[key]["palette"])
+        data.setdefault("background_index", KNOWN_DATASETS[key]["background_index"])
+    if (not isinstance(classes, (list, tuple)) or not classes
+            or not all(isinstance(c, (str, int)) and str(c).strip() for c in classes)):
+        raise DataError(f"{path}: 'classes' must be a non-empty list of class names; {YAML_HELP}")
+    classes = tuple(str(c) for c in classes)
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{path}: 'classes' has duplicate names {list(classes)}")
+    n = len(classes)
+    bg = data.get("background_index", n)
+    if not isinstance(bg, int) or isinstance(bg, bool) or not (n <= bg <= 255):
+        raise DataError(f"{path}: 'background_index' must be an integer in {n}..255 (not a class index), got {bg!r}")
+    palette = data.get("palette")
+    if palette is None:
+        palette = [_DEFAULT_COLOURS[i % len(_DEFAULT_COLOURS)] for i in range(n)] + [(255, 255, 255)]
+    if (not isinstance(palette, (list, tuple)) or len(palette) != n + 1
+            or not all(isinstance(c, (list, tuple)) and len(c) == 3
+                       and all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette)):
+        raise DataError(
+            f"{path}: 'palette' must be {n + 1} RGB triples of integers 0..255 (one per class, then background)"
+        )
+    return DatasetInfo(ds_name, classes, int(bg), tuple(tuple(int(v) for v in c) for c in palette), root)
+
+
+# ---------------------------------------------------------------------------------------------- labels
+_LABEL_RE = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_label(filename: str, n_classes: int) -> np.ndarray:
+    """Image-level label vector from a training file name -> (N,) int64 of 0/1.
+
+    Both styles of the known datasets are accepted: LUAD-HistoSeg ``...-[1 0 0 1].png`` and BCSS-WSSS
+    ``...+0[1101].png``. The last ``[...]`` group of the name is used.
+    """
+    stem = Path(filename).name
+    groups = _LABEL_RE.findall(stem)
+    if not groups:
+        raise DataError(
+            f"{filename}: no image-level label vector in the file name "
+            f"(expected e.g. name-[1 0 0 1].png or name[1001].png with {n_classes} digits)"
+        )
+    body = groups[-1].strip()
+    # "1 0 0 1" (separated) or "1001" (one digit per class)
+    tokens = [t for t in re.split(r"[\s,]+", body) if t] if re.search(r"[\s,]", body) else list(body)
+    if not all(t in ("0", "1") for t in tokens):
+        raise DataError(f"{filename}: label vector [{body}] must contain only 0 and 1")
+    if len(tokens) != n_classes:
+        raise DataError(
+            f"{filename}: label vector [{body}] has {len(tokens)} entries, expected {n_classes} (one per class)"
+        )
+    return np.array([int(t) for t in tokens], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def _pngs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"), key=lambda p: p.name)
+
+
+def list_train(root: str | Path, info: DatasetInfo | None = None) -> list[tuple[Path, np.ndarray]]:
+    """``[(image path, label (N,) int64), ...]`` of ``root/train``, sorted by file name."""
+    root = Path(root)
+    info = info or load_info(root)
+    folder = root / "train"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: training folder not found (expected DIR/train/*.png)")
+    files = _pngs(folder)
+    if not files:
+        raise DataError(f"{folder}: no .png training images")
+    return [(p, parse_label(str(p), info.n_classes)) for p in files]
+
+
+def list_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """``[(image path, mask path), ...]`` of ``root/<split>/img`` and ``root/<split>/mask``, sorted by name."""
+    root = Path(root)
+    base = root / split
+    img_dir, mask_dir = base / "img", base / "mask"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"{d}: folder not found (expected DIR/{split}/img/*.png and DIR/{split}/mask/*.png)")
+    imgs = {p.name: p for p in _pngs(img_dir)}
+    masks = {p.name: p for p in _pngs(mask_dir)}
+    for name in sorted(set(masks) - set(imgs)):
+        raise DataError(f"{masks[name]}: mask without an image (no {img_dir / name})")
+    for name in sorted(set(imgs) - set(masks)):
+        raise DataError(f"{imgs[name]}: image without a mask (no {mask_dir / name})")
+    if not imgs:
+        raise DataError(f"{base}: split is empty (no .png files in {img_dir})")
+    return [(imgs[n], masks[n]) for n in sorted(imgs)]
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb)  # PIL arrays are read-only
+    return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize_image(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size), bilinear with antialiasing; unchanged when ``size`` is None or equal."""
+    if size is None or (x.shape[-2] == size and x.shape[-1] == size):
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
+
+
+def dihedral(x: torch.Tensor, k: int, hflip: bool, vflip: bool) -> torch.Tensor:
+    """One of the 8 flips/rotations of the square on the last two axes: flips first, then ``rot90`` k times."""
+    if hflip:
+        x = x.flip(-1)
+    if vflip:
+        x = x.flip(-2)
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+
+
+def random_dihedral(generator: torch.Generator) -> tuple[int, bool, bool]:
+    """Draw ``(k, hflip, vflip)``: random horizontal/vertical flips (p = 0.5 each) and a random rot90."""
+    r = torch.randint(0, 2, (2,), generator=generator)
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    return k, bool(r[0]), bool(r[1])
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, index): augmentations do not depend on worker order."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
+    return g
+
+
+def subset_indices(n: int, max_items: int, seed: int = 0) -> list[int]:
+    """The first ``max_items`` of a seeded permutation of ``range(n)`` (then sorted), so classes stay mixed."""
+    if max_items <= 0 or max_items >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:max_items].tolist())
+
+
+class TrainDataset(Dataset):
+    """Training images with image-level labels (stage 1).
+
+    Item: ``{"image": (3, H, W) float32 RGB in [0, 1], "label": (N,) float32, "name": str, "index": int}``.
+    ``augment``: random horizontal/vertical flips + random rot90 (the augmentation listed in the project
+    config for sec. 4.1; the paper's text names none). Draws depend only on ``(seed, epoch, index)``; call
+    :meth:`set_epoch` each epoch for fresh draws.
+    """
+
+    def __init__(self, root: str | Path, image_size: int | None = None, augment: bool = False, max_items: int = 0,
+                 info: DatasetInfo | None = None, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.info = info or load_info(self.root)
+        items = list_train(self.root, self.info)
+        self.items = [items[i] for i in subset_indices(len(items), max_items, seed)]
+        self.image_size = image_size
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(len, N) int64 label matrix, without reading any image."""
+        return np.stack([lab for _, lab in self.items]) if self.items else np.zeros((0, self.info.n_classes), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.items[index]
+        x = resize_image(to_tensor(read_rgb(path)), self.image_size)
+        if self.augment:
+            x = dihedral(x, *random_dihedral(item_generator(self.seed, self.epoch, index)))
+        return {"image": x.contiguous(), "label": torch.from_numpy(label).float(), "name": path.name, "index": index}
+
+
+def validate_mask(mask: np.ndarray, path: Path, info: DatasetInfo, image_hw: tuple[int, int] | None = None) -> None:
+    """DataError naming ``path`` if the mask's size differs from the image's or a value is not a class/background."""
+    if image_hw is not None and tuple(mask.shape[:2]) != tuple(image_hw):
+        raise DataError(
+            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {image_hw[1]}x{image_hw[0]}"
+        )
+    bad = bad_mask_values(mask, info)
+    if bad:
+        raise DataError(
+            f"{path}: mask values {bad} outside the classes 0..{info.n_classes - 1} and background "
+            f"{info.background_index}"
+        )
+
+
+def bad_mask_values(mask: np.ndarray, info: DatasetInfo) -> list[int]:
+    values = np.unique(mask)
+    ok = (values < info.n_classes) | (values == info.background_index)
+    return [int(v) for v in values[~ok]]
+
+
+class SegDataset(Dataset):
+    """Validation/test images with pixel masks.
+
+    Item: ``{"image": (3, h, w) float32 in [0, 1] (resized to image_size if given), "mask": (H, W) int64 at the
+    original size, "name": str, "index": int}``. Each mask is validated when read (size, values).
+    """
+
+    def __init__(self, root: str | Path, split: str, image_size: int | None = None, info: DatasetInfo | None = None,
+                 max_items: int = 0) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.info = info or load_info(self.root)
+        pairs = list_pairs(self.root, split)
+        self.pairs = pairs[:max_items] if max_items > 0 else pairs
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        img_path, mask_path = self.pairs[index]
+        rgb = read_rgb(img_path)
+        mask = read_mask(mask_path)
+        validate_mask(mask, mask_path, self.info, rgb.shape[:2])
+        return {
+            "image": resize_image(to_tensor(rgb), self.image_size).contiguous(),
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "name": img_path.name,
+            "index": index,
+        }
+
+
+def collate_seg(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images (a list if their sizes differ); masks are stacked when equal in size, else kept as a list."""
+    images = [b["image"] for b in batch]
+    masks = [b["mask"] for b in batch]
+    same_img = all(t.shape == images[0].shape for t in images)
+    same_mask = all(t.shape == masks[0].shape for t in masks)
+    return {
+        "image": torch.stack(images) if same_img else images,
+        "mask": torch.stack(masks) if same_mask else masks,
+        "name": [b["name"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
+    }
