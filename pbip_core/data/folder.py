@@ -119,10 +119,7 @@ def _info_from_yaml(path: Path, root: Path, name: str | None) -> DatasetInfo:
         raise DataError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a mapping; {YAML_HELP}")
-    unknown = set(data) - {"name", "classes", "background_index", "palette", "description", "source", "licence",
-                           "license"}
-    if unknown:
-        raise DataError(f"{path}: unknown keys {sorted(unknown)}; {YAML_HELP}")
+    # Other keys (description, generator settings, ...) are allowed and ignored.
     ds_name = str(data.get("name") or name or root.resolve().name)
     classes = data.get("classes")
     if classes is None:
