@@ -55,10 +55,13 @@ def test_parse_label_errors_name_the_file(name, reason):
     ("LUAD-HistoSeg", ("TE", "NEC", "LYM", "TAS")),
     ("my_luad_copy", ("TE", "NEC", "LYM", "TAS")),
     ("BCSS-WSSS", ("TUM", "STR", "LYM", "NEC")),
+    ("bcss", ("TUM", "STR", "LYM", "NEC")),
 ])
 def test_known_datasets_need_no_yaml(tmp_path, folder, classes):
     root = make_dataset(tmp_path, name=folder, write_yaml=False, n_train=2, n_val=1, n_test=1)
     info = load_info(root)
+    assert info.name == {"LUAD-HistoSeg": "luad-histoseg", "my_luad_copy": "luad-histoseg", "BCSS-WSSS": "bcss-wsss",
+                         "bcss": "bcss"}[folder]
     assert info.classes == classes and info.background_index == 4 and info.n_classes == 4
     assert len(info.palette) == 5 and info.palette[-1] == (255, 255, 255)
     if "luad" in folder.lower():

@@ -43,6 +43,8 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
         "background_index": 4,
     },
 }
+# BCSS (Amgad et al. 2019) as used in the paper: the same four classes as BCSS-WSSS (after mapping its labels).
+KNOWN_DATASETS["bcss"] = dict(KNOWN_DATASETS["bcss-wsss"])
 
 YAML_HELP = (
     "write DIR/dataset.yaml with the keys: name: my-dataset, classes: [A, B, C] (label-vector order = mask "
@@ -83,12 +85,12 @@ class DatasetInfo:
 
 # ---------------------------------------------------------------------------------------------- info
 def known_name(text: str) -> str | None:
-    """``'LUAD-HistoSeg'``, ``'data/luad'`` -> ``'luad-histoseg'``; ``'BCSS-WSSS'`` -> ``'bcss-wsss'``; else None."""
+    """``'LUAD-HistoSeg'`` -> ``'luad-histoseg'``; ``'BCSS-WSSS'`` -> ``'bcss-wsss'``; ``'BCSS'`` -> ``'bcss'``; else None."""
     t = text.lower()
     if "luad" in t:
         return "luad-histoseg"
     if "bcss" in t:
-        return "bcss-wsss"  # BCSS (Amgad et al.) uses the same four classes in the paper
+        return "bcss-wsss" if "wsss" in t else "bcss"
     return None
 
 
