@@ -403,7 +403,7 @@ def _manifest_hint(dataset: str) -> str:
     if not isinstance(entry, Mapping):
         entry = vars(entry) if hasattr(entry, "__dict__") else {}
     parts = []
-    for k in ("instructions", "how_to_get", "download", "source", "url", "licence", "license", "layout", "convert"):
+    for k in ("instructions", "source", "url", "licence", "license", "local_dir", "layout"):
         if entry.get(k):
             v = entry[k]
             v = " ".join(str(v).split()) if not isinstance(v, (list, dict)) else json.dumps(v)
@@ -431,24 +431,31 @@ def _find_entry(manifest: Any, name: str) -> Any:
     return None
 
 
-def _available(module: str, fn: str) -> set[str] | None:
-    """Names reported available by ``pbip_core.<module>.<fn>()`` (None if the module/function is not there)."""
+def _available(module: str, fn: str) -> dict[str, str | None] | None:
+    """``pbip_core.<module>.<fn>()`` as name -> None (available) or the reason it is not; None if the module or
+    function does not exist. Accepts a dict name -> "available" / reason / bool, or an iterable of names."""
     try:
         mod = __import__(f"pbip_core.{module}", fromlist=[fn])
         res = getattr(mod, fn)()
     except Exception:  # noqa: BLE001
         return None
     if isinstance(res, Mapping):
-        return {str(k) for k, v in res.items() if _truthy(v)}
-    return {str(x) for x in res}
+        out: dict[str, str | None] = {}
+        for k, v in res.items():
+            if v is True or (isinstance(v, str) and v.strip().lower() in ("available", "ok", "yes")):
+                out[str(k)] = None
+            else:
+                out[str(k)] = str(v) if isinstance(v, str) and v else "not available"
+        return out
+    return {str(x): None for x in res}
 
 
-def _truthy(v: Any) -> bool:
-    if isinstance(v, Mapping):
-        return bool(v.get("available", v.get("ok", True)))
-    if isinstance(v, (tuple, list)) and v:
-        return bool(v[0])
-    return bool(v) if not isinstance(v, str) else True
+def _missing_line(kind: str, name: str, status: dict[str, str | None], where: str) -> str | None:
+    if name not in status:
+        return f"{kind} {name}: not known to {where}"
+    if status[name] is not None:
+        return f"{kind} {name}: weights not available offline -- {status[name]}"
+    return None
 
 
 def missing_requirements(specs: Sequence[RunSpec]) -> list[str]:
@@ -462,8 +469,9 @@ def missing_requirements(specs: Sequence[RunSpec]) -> list[str]:
     encoders = _available("encoders", "available_encoders")
     if encoders is not None:
         for enc in dict.fromkeys(s.cfg.bank.encoder for s in specs):
-            if enc not in encoders:
-                lines.append(f"encoder {enc}: weights not available offline (pbip_core.encoders.available_encoders())")
+            line = _missing_line("encoder", enc, encoders, "pbip_core.encoders.available_encoders()")
+            if line:
+                lines.append(line)
     backbones = _available("backbones", "available_backbones")
     if backbones is not None:
         needed = {}
@@ -473,9 +481,9 @@ def missing_requirements(specs: Sequence[RunSpec]) -> list[str]:
             if s.stage2 and s.cfg.stage2.pretrained:
                 needed.setdefault(s.cfg.stage2.backbone, "stage-2 backbone")
         for bb, role in needed.items():
-            if bb not in backbones:
-                lines.append(f"{role} {bb}: pretrained weights not available offline "
-                             "(pbip_core.backbones.available_backbones())")
+            line = _missing_line(role, bb, backbones, "pbip_core.backbones.available_backbones()")
+            if line:
+                lines.append(line)
     return lines
 
 
