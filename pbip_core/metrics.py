@@ -76,24 +76,44 @@ def boundary_bands(masks: np.ndarray, d: int) -> np.ndarray:
     """Boundary bands of binary masks (C, H, W) bool -> (C, H, W) bool: ``M & ~erode_d(M)``.
 
     d iterations of a 3x3 square erosion with the border as outside equal one erosion by a (2d+1)x(2d+1)
-    square with zero padding, i.e. a minimum filter with ``cval=0``; that is one separable call for all masks.
+    square with zero padding, i.e. a minimum filter with ``cval=0``.
     """
     eroded = ndimage.minimum_filter(masks.astype(np.uint8), size=(1, 2 * d + 1, 2 * d + 1), mode="constant", cval=0)
     return masks & ~eroded.astype(bool)
 
 
+def label_interior(labels: np.ndarray, d: int) -> np.ndarray:
+    """(H, W) int label image -> (H, W) bool: the (2d+1)x(2d+1) window lies inside the image and holds one label.
+
+    For a pixel of class c this is exactly "survives the erosion of the class-c mask" (:func:`boundary_bands`), for
+    all classes at once: two separable filters on one image instead of one per class. Labels must be >= 0 for
+    the classes; the padding value -1 makes windows that reach past the border non-uniform.
+    """
+    size = 2 * d + 1
+    lo = ndimage.minimum_filter(labels, size=size, mode="constant", cval=-1)
+    hi = ndimage.maximum_filter(labels, size=size, mode="constant", cval=-1)
+    return lo == hi
+
+
 def boundary_counts(pred: np.ndarray, gt: np.ndarray, n_classes: int, background_index: int,
                     d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class band intersection and union of one image (H, W) -> two (N,) int64 arrays."""
+    """Per-class band intersection and union of one image (H, W) -> two (N,) int64 arrays.
+
+    Binary masks ``G_c = (gt == c) & ~ignored`` and ``P_c = (pred == c) & ~ignored`` are the classes of two label
+    images: ``gt`` itself and ``pred`` with ignored or invalid pixels relabelled -1 (never a class).
+    """
     h, w = gt.shape
     d = boundary_width(h, w) if d is None else d
-    valid = gt != background_index
-    classes = np.arange(n_classes)[:, None, None]
-    g = (gt[None] == classes) & valid[None]
-    p = (pred[None] == classes) & valid[None]
-    bands = boundary_bands(np.concatenate([g, p]), d)
-    bg, bp = bands[:n_classes], bands[n_classes:]
-    return (bg & bp).sum((1, 2)).astype(np.int64), (bg | bp).sum((1, 2)).astype(np.int64)
+    g = gt.astype(np.int32)
+    valid = g != background_index
+    p = np.where(valid & (pred >= 0) & (pred < n_classes), pred, -1).astype(np.int32)
+    gb = valid & ~label_interior(g, d)              # pixel in band(G_c) for its class c = gt
+    pb = (p >= 0) & ~label_interior(p, d)           # pixel in band(P_c) for its class c = p
+    both = gb & pb & (g == p)                       # in band(G_c) and band(P_c) for the same c
+    n_g = np.bincount(g[gb], minlength=n_classes)[:n_classes]
+    n_p = np.bincount(p[pb], minlength=n_classes)[:n_classes]
+    inter = np.bincount(g[both], minlength=n_classes)[:n_classes]
+    return inter.astype(np.int64), (n_g + n_p - inter).astype(np.int64)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> list[float | None]:

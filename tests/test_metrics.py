@@ -27,7 +27,7 @@ _GREY = [(i, i, i) for i in range(256)]
 def save_png(array: np.ndarray, path: Path) -> None:
     _save_png(array, path, palette=_GREY)
 from pbip_core.metrics import (
-    SegMetrics, boundary_bands, boundary_width, evaluate_dir, f1_per_class, mean_std, ttest,
+    SegMetrics, boundary_bands, boundary_width, label_interior, evaluate_dir, f1_per_class, mean_std, ttest,
 )
 
 
@@ -183,6 +183,13 @@ def test_min_filter_bands_equal_iterated_binary_erosion():
         want = np.stack([m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), iterations=d, border_value=0)
                          for m in masks])
         assert np.array_equal(boundary_bands(masks, d), want)
+        # The label-image shortcut used by SegMetrics gives the same bands for every class at once.
+        labels = _blobby(rng, shape, 4, 6).astype(np.int32)
+        interior = label_interior(labels, d)
+        for c in range(4):
+            m = labels == c
+            band = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), iterations=d, border_value=0)
+            assert np.array_equal(m & ~interior, band)
 
 
 # ------------------------------------------------------------------------------------------ brute-force reference
