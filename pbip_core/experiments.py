@@ -215,10 +215,15 @@ def done_hashes(path: str | Path) -> set[str]:
     return set(df.loc[df["status"] == "ok", "hash"].astype(str))
 
 
+_NOT_METRICS = {"background_index", "class_names", "split", "data_root"}
+
+
 def flatten_metrics(stage: str, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """``{"miou": .5, "per_class_iou": {"TUM": .6}}`` -> ``{"stage1.val.miou": .5, "stage1.val.iou.TUM": .6}``."""
     out: dict[str, Any] = {}
     for k, v in metrics.items():
+        if k in _NOT_METRICS:
+            continue
         if isinstance(v, Mapping):
             name = "iou" if k == "per_class_iou" else k
             for c, x in v.items():
@@ -297,8 +302,8 @@ def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) ->
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         row.update(status="failed", error=msg)
         (run_dir / "error.txt").write_text(traceback.format_exc())
-        if not isinstance(e, PBIPError):
-            print(f"pbip run: {spec.label} failed: {msg} (traceback in {run_dir / 'error.txt'})", file=sys.stderr)
+        where = "" if isinstance(e, PBIPError) else f" (traceback in {run_dir / 'error.txt'})"
+        print(f"pbip run: {spec.label} failed: {msg}{where}", file=sys.stderr)
     row.update(wall_time_s=round(time.time() - t0, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     row.update(_config_columns(spec.cfg))
     row.update(metrics)

@@ -181,3 +181,27 @@ def test_bad_grids_raise_config_errors(tmp_path):
         ex.plan(ex.load_grid({"name": "x", "methods": ["nope"]}))
     with pytest.raises(ConfigError, match="split"):
         ex.load_grid({"name": "x", "splits": ["dev"]})
+
+
+@pytest.mark.slow
+def test_real_tiny_grid_end_to_end(tmp_path):
+    """The real pipeline (bank -> stage 1 -> pseudo masks -> scores -> stage 2) on a tiny folder, smoke profile."""
+    from conftest import make_dataset
+
+    root = make_dataset(tmp_path, n_train=12, n_val=2, n_test=2, size=32)
+    grid = {"name": "tiny", "profile": "smoke", "datasets": [str(root)], "methods": ["pbip"], "seeds": [0],
+            "stage2": True, "splits": ["val"],
+            "overrides": {"data.image_size": 32, "stage2.image_size": 32, "bank.nk": 2, "train.device": "cpu",
+                          "stage2.batch_size": 6}}
+    df = ex.run_grid(grid, tmp_path / "results")
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["status"] == "ok", row.get("error")
+    for col in ("stage1.val.miou", "stage2.val.miou", "stage2.test.miou", "stage2.test.iou.C0"):
+        assert 0.0 <= float(row[col]) <= 1.0, col
+    run = tmp_path / "results" / "runs" / row["hash"]
+    assert (run / "stage1" / "last.pt").is_file() and (run / "stage2" / "metrics.json").is_file()
+    assert len(list((tmp_path / "results" / "banks").glob("*.pt"))) == 1
+    # rerun: nothing to do
+    df2 = ex.run_grid(grid, tmp_path / "results", step=FakeStep())
+    assert len(df2) == 1 and df2.iloc[0]["wall_time_s"] == row["wall_time_s"]
