@@ -1,0 +1,140 @@
+"""Interactive figures for the book: the adaptive threshold delta of eq. 4 (and, later, K of sec. 3.2).
+
+Two kinds of widget:
+
+* :func:`delta_explorer` works in the **static HTML book** as well as in a kernel: the figure for each delta
+  on a grid is rendered once, and a slider switches between them in the browser (``jslink`` of the slider's
+  index to a :class:`ipywidgets.Stack`), so no kernel is needed to move it.
+* :func:`delta_interact` recomputes the figure in the kernel for any delta (JupyterLab only).
+
+Equations (sec. 3.4)::
+
+    tau = delta * max(M)                      (4)    b = [M >= tau]
+    X_FG = b * M * X,  X_BG = (1 - b) * (1 - M) * X     (5)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Sequence
+
+import numpy as np
+
+#: Delta values the static explorer renders (the paper uses 0.15; the official code 0.5).
+DELTA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(0, 15))
+
+
+def threshold_mask(cam: np.ndarray, delta: float) -> np.ndarray:
+    """Eq. 4: ``b = M >= delta * max(M)``, the max taken per class map (:func:`pbip_core.model.adaptive_threshold`).
+
+    ``cam``: ``(H, W)`` or ``(N, H, W)`` class activation map M in [0, 1]. Returns a bool array of the same shape.
+    """
+    import torch
+
+    from .model import adaptive_threshold
+
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1] (eq. 4), got {delta}")
+    m = torch.as_tensor(np.asarray(cam, dtype=np.float32))
+    b = adaptive_threshold(m.reshape(1, -1, *m.shape[-2:]), float(delta), scope="class")
+    return b.reshape(m.shape).numpy() > 0.5
+
+
+def separate(image: np.ndarray, cam: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 5 for one class map: ``X_FG = b M X`` and ``X_BG = (1 - b)(1 - M) X``.
+
+    ``image``: ``(H, W, 3)`` uint8; ``cam``: ``(H, W)`` in [0, 1]. Returns two ``(H, W, 3)`` uint8 images.
+    """
+    m = np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0)[..., None]
+    b = threshold_mask(m[..., 0], delta)[..., None].astype(np.float32)
+    x = np.asarray(image, dtype=np.float32)
+    fg = b * m * x
+    bg = (1.0 - b) * (1.0 - m) * x
+    return fg.round().astype(np.uint8), bg.round().astype(np.uint8)
+
+
+def demo_cam(mask: np.ndarray, cls: int, seed: int = 0, blur: float = 3.0, noise: float = 0.25) -> np.ndarray:
+    """A stand-in CAM for one class: the class region of ``mask`` blurred, plus smooth noise, scaled to [0, 1].
+
+    Good enough to see what delta does before a model is trained (chapter 04 later uses real CAMs).
+    ``mask``: ``(H, W)`` class indices. Returns ``(H, W)`` float32.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    region = gaussian_filter((np.asarray(mask) == cls).astype(np.float32), blur)
+    clutter = gaussian_filter(rng.random(region.shape, dtype=np.float32), 2 * blur)
+    clutter = (clutter - clutter.min()) / (np.ptp(clutter) + 1e-8)
+    m = region + noise * clutter
+    return ((m - m.min()) / (np.ptp(m) + 1e-8)).astype(np.float32)
+
+
+def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = ""):
+    """2 x 2 panels: the CAM M with the contour M = tau, the binary mask b, X_FG and X_BG (eq. 4-5)."""
+    import matplotlib.pyplot as plt
+
+    b = threshold_mask(cam, delta)
+    fg, bg = separate(image, cam, delta)
+    fig, axes = plt.subplots(2, 2, figsize=(6.4, 6.6), dpi=80)
+    (a_m, a_b), (a_fg, a_bg) = axes
+    a_m.imshow(cam, cmap="magma", vmin=0, vmax=1)
+    if 0 < b.mean() < 1:
+        a_m.contour(b.astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
+    a_b.imshow(b, cmap="gray", vmin=0, vmax=1)
+    a_fg.imshow(fg)
+    a_bg.imshow(bg)
+    labels = [rf"$M$ and the contour $M = \tau = {delta:.2f} \max M$", f"$b$: {100 * b.mean():.0f} % foreground",
+              r"$X_{FG} = b \cdot M \cdot X$", r"$X_{BG} = (1-b) \cdot (1-M) \cdot X$"]
+    for ax, label in zip(axes.ravel(), labels):
+        ax.set_title(label, fontsize=11)
+        ax.set_axis_off()
+    fig.suptitle(title or rf"$\delta = {delta:.2f}$", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _png_html(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="delta figure"/>'
+
+
+def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] = DELTA_GRID,
+                   value: float = 0.15, title: str = ""):
+    """A delta slider that also works in the static HTML book (no kernel).
+
+    One figure per value of ``deltas`` is rendered now; the slider's index is linked in the browser to a
+    :class:`ipywidgets.Stack` holding them. Returns an :class:`ipywidgets.VBox`.
+    """
+    import ipywidgets as w
+
+    deltas = [round(float(d), 4) for d in deltas]
+    if not deltas:
+        raise ValueError("deltas must not be empty")
+    start = int(np.argmin([abs(d - value) for d in deltas]))
+    pages = [w.HTML(_png_html(delta_figure(image, cam, d, title))) for d in deltas]
+    stack = w.Stack(pages, selected_index=start)
+    slider = w.SelectionSlider(options=[(f"{d:.2f}", d) for d in deltas], index=start,
+                               description="δ", continuous_update=True,
+                               layout=w.Layout(width="420px"))
+    w.jslink((slider, "index"), (stack, "selected_index"))
+    return w.VBox([slider, stack])
+
+
+def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, title: str = ""):
+    """A live FloatSlider for delta in [0, 1] that redraws :func:`delta_figure` in the kernel (JupyterLab)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    slider = w.FloatSlider(value=value, min=0.0, max=1.0, step=0.01, description="δ", continuous_update=False)
+
+    def show(delta: float) -> None:
+        delta_figure(image, cam, delta, title)
+        plt.show()
+
+    return w.interactive(show, delta=slider)

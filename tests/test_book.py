@@ -1,0 +1,225 @@
+"""The book's chapters run under papermill with the smoke profile; `pbip book`'s helpers behave.
+
+Chapter tests (marked ``book``) execute copies of the notebooks in a temporary book root (tests/_book_support.py),
+so the committed notebooks are never rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from _book_support import ROOT, book_copy, outputs, run_chapter, texts
+from pbip_core import book
+from pbip_core.errors import ConfigError, PBIPError
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The committed notebooks: structure (no execution)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chapter", list(book.CHAPTERS))
+def test_notebook_structure(chapter):
+    path = ROOT / "book" / book.CHAPTERS[chapter][0]
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    first = nb.cells[0]
+    assert first.cell_type == "code" and "parameters" in first.metadata.get("tags", []), "first cell: parameters"
+    for name in ("profile", "dataset", "encoder", "seeds", "out_dir"):
+        assert any(line.startswith(f"{name} =") for line in first.source.splitlines()), name
+    # papermill parses every parameter (a "=" inside a comment would hide it from `papermill --help-notebook`)
+    assert all(line.count("=") <= 1 for line in first.source.splitlines()), "no '=' in parameter comments"
+    assert nb.cells[1].cell_type == "markdown" and nb.cells[1].source.startswith(f"# {chapter} "), "title next"
+    assert any("$$" in c.source for c in nb.cells if c.cell_type == "markdown"), "equations in LaTeX"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert any("pbip_core" in c.source for c in code)
+    assert max(len(c.source.splitlines()) for c in code) <= 20, "logic belongs in pbip_core, not in cells"
+    # committed clean: no outputs, no widget state, no injected cell
+    assert all(not c.get("outputs") for c in code), f"{path.name}: run `pbip book --strip` before committing"
+    assert "widgets" not in nb.metadata
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_toc_lists_every_chapter():
+    toc = (ROOT / "_toc.yml").read_text()
+    for name, _ in book.CHAPTERS.values():
+        assert f"book/{Path(name).stem}" in toc
+    assert "root: book/intro" in toc
+    config = (ROOT / "_config.yml").read_text()
+    assert 'execute_notebooks: "off"' in config and "pbip_core.book" in config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers of pbip_core.book (no kernel)
+# ---------------------------------------------------------------------------------------------------------------
+def test_chapter_order_puts_dependencies_first():
+    order = book.chapter_order()
+    assert sorted(order) == sorted(book.CHAPTERS)
+    for ch, (_, deps) in book.CHAPTERS.items():
+        for dep in deps:
+            assert order.index(dep) < order.index(ch), (dep, ch)
+    assert book.chapter_order(["4"]) == ["01", "02", "03", "04"]
+    assert book.chapter_order(["04"], with_deps=False) == ["04"]
+    assert book.chapter_order(["06", "01"], with_deps=False) == ["01", "06"]
+    with pytest.raises(ConfigError, match="unknown chapter"):
+        book.chapter_order(["42"])
+
+
+def test_hide_and_strip():
+    nb = new_notebook(cells=[new_code_cell("profile = 'demo'", metadata={"tags": ["parameters"]}),
+                             new_code_cell("profile = 'smoke'", metadata={"tags": ["injected-parameters"]}),
+                             new_markdown_cell("# 00 t"), new_code_cell("1")])
+    nb.cells[3].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "1"}, execution_count=1)]
+    nb.cells[3].execution_count = 1
+    nb.metadata["widgets"] = {WIDGET_STATE: {"state": {}}}
+    nb.metadata["papermill"] = {"parameters": {}}
+    assert book.hide_injected_parameters(nb) == 1
+    assert nb.cells[1].metadata.tags == ["injected-parameters", "remove-cell"]
+    assert book.hide_injected_parameters(nb) == 0  # idempotent
+    book.strip_outputs(nb)
+    assert len(nb.cells) == 3 and nb.cells[0].metadata.tags == ["parameters"]
+    assert nb.cells[2].outputs == [] and nb.cells[2].execution_count is None
+    assert "widgets" not in nb.metadata and "papermill" not in nb.metadata
+
+
+def test_strip_command_on_a_copy(tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(ROOT / "book", root / "book", ignore=shutil.ignore_patterns("_static", ".*"))
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, root / name)
+    path = root / "book" / book.CHAPTERS["02"][0]
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(1, new_code_cell("x = 1", metadata={"tags": ["injected-parameters"]}))
+    nbformat.write(nb, path)
+    args = argparse.Namespace(book_root=str(root), chapters="02", no_deps=True, strip=True)
+    assert book.main(args) == 0
+    stripped = nbformat.read(path, as_version=4)
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in stripped.cells)
+    assert len(stripped.cells) == len(nb.cells) - 1
+
+
+def test_chapter_setup_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ch = book.chapter_setup("smoke", out_dir=str(tmp_path / "out"))
+    assert ch.out_dir == tmp_path / "out" and ch.out_dir.is_dir()
+    assert ch.dataset == tmp_path / "out" / "synth" and ch.synthetic
+    assert ch.seeds == book.DEFAULT_SEEDS["smoke"]
+    assert ch.encoder == ch.cfg.bank.encoder and ch.cfg.profile == "smoke"
+    assert ch.cfg.data.root == str(ch.dataset)
+    ch2 = book.chapter_setup("demo", dataset="mydata", encoder="pathmnist-densenet121", seeds=[3, 4],
+                             out_dir="o")
+    assert ch2.dataset == tmp_path / "mydata" and not ch2.synthetic
+    assert ch2.encoder == "pathmnist-densenet121" == ch2.cfg.bank.encoder and ch2.seeds == (3, 4)
+    with pytest.raises(PBIPError, match="dataset folder not found"):
+        book.ensure_synth(ch2)
+    with pytest.raises(ConfigError):
+        book.chapter_setup("huge", out_dir="o")
+
+
+def test_kernel_for_this_python_writes_a_spec_when_needed(tmp_path, monkeypatch):
+    """With a python3 kernelspec that points at another interpreter, a spec for this one is put first."""
+    other = tmp_path / "other" / "kernels" / "python3"
+    other.mkdir(parents=True)
+    (other / "kernel.json").write_text(json.dumps({"argv": ["/usr/bin/false", "-f", "{connection_file}"],
+                                                   "display_name": "other", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "other"))
+    assert book.kernel_for_this_python(tmp_path / "mine") == "python3"
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert Path(spec.argv[0]).resolve() == Path(book.sys.executable).resolve()
+
+
+def test_vendor_helpers(tmp_path):
+    assert book._tarball_name("@jupyter-widgets/html-manager@1.0.13") == "jupyter-widgets-html-manager-1.0.13.tgz"
+    assert book._tarball_name("mathjax@3.2.2") == "mathjax-3.2.2.tgz"
+    assert not book.vendor_ready(tmp_path / "vendor")
+    import tarfile
+
+    src = tmp_path / "src" / "package" / "es5"
+    for rel in ("tex-mml-chtml.js", "sre/big.js", "output/chtml/fonts/woff-v2/a.woff", "x.js.map"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    tgz = tmp_path / "m.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "package", arcname="package")
+    book._extract(tgz, "package/es5", tmp_path / "out", skip=book._MATHJAX_SKIP)
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["output/chtml/fonts/woff-v2/a.woff", "tex-mml-chtml.js"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Executing chapters (papermill, smoke profile)
+# ---------------------------------------------------------------------------------------------------------------
+def _no_errors(nb):
+    errors = [o for o in outputs(nb) if o.get("output_type") == "error"]
+    assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else ""
+
+
+def _check_01(nb):
+    html = "\n".join(texts(nb, "text/html"))
+    for marker in ("LUAD-HistoSeg", "BCSS-WSSS", "GCSS", "images with class", "single-class images",
+                   "classes per image", "pixel share"):
+        assert marker in html, f"chapter 01: no table with {marker!r}"
+    assert len(texts(nb, "image/png")) >= 1, "chapter 01: label statistics and image/mask grid figures"
+
+
+def _check_04(nb):
+    assert texts(nb, WIDGET_VIEW), "chapter 04: the delta explorer widget is displayed"
+    state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+    models = {m["model_name"] for m in state.values()}
+    assert {"SelectionSliderModel", "StackModel", "LinkModel", "HTMLModel"} <= models
+    slider = next(m["state"] for m in state.values() if m["model_name"] == "SelectionSliderModel")
+    assert slider["_options_labels"][slider["index"]] == "0.15"  # the paper's delta (eq. 4)
+    html = "\n".join(texts(nb, "text/html"))
+    assert "foreground share" in html
+
+
+CHECKS = {"01": _check_01, "04": _check_04}
+
+
+@pytest.mark.book
+@pytest.mark.parametrize("chapter", list(book.CHAPTERS))
+def test_chapter_runs_with_smoke_profile(chapter):
+    nb = run_chapter(chapter)
+    _no_errors(nb)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "remove-cell" in injected[0].metadata.tags
+    assert "profile = \"smoke\"" in injected[0].source
+    assert any("profile=smoke" in t for t in texts(nb, "stream")), "the setup cell prints the parameters"
+    CHECKS.get(chapter, lambda nb: None)(nb)
+
+
+@pytest.mark.book
+def test_failing_chapter_names_chapter_and_cell(tmp_path, monkeypatch):
+    book_dir = tmp_path / "book"
+    book_dir.mkdir()
+    nb = new_notebook(cells=[new_code_cell("profile = 'demo'", metadata={"tags": ["parameters"]}),
+                             new_markdown_cell("# 77 failing"), new_code_cell("x = 1"),
+                             new_code_cell("raise ValueError('boom in the third cell')")],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = book_dir / "77_fail.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    monkeypatch.setitem(book.CHAPTERS, "77", ("77_fail.ipynb", ()))
+    kernel = book.kernel_for_this_python(tmp_path / "k")
+    with pytest.raises(PBIPError) as err:
+        book.execute_chapter("77", book_dir, {"profile": "smoke"}, kernel, tmp_path / "failed", cell_timeout=120)
+    msg = str(err.value)
+    assert "chapter 77" in msg and "ValueError" in msg and "boom in the third cell" in msg
+    assert "cell 4" in msg  # 0-based index after papermill inserted the injected-parameters cell
+    assert path.read_bytes() == before, "a failing chapter leaves the notebook as it was"
+    assert (tmp_path / "failed" / "77_fail.ipynb").is_file()
+    assert not list(book_dir.glob(".*.running.ipynb"))
+
+
+def test_book_copy_is_not_the_repository():
+    assert book_copy() != ROOT and (book_copy() / "_config.yml").is_file()
