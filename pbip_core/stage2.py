@@ -32,6 +32,7 @@ file names).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -304,8 +305,8 @@ def _device(cfg: Config, local_rank: int = 0) -> torch.device:
     want = cfg.train.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and torch.cuda.device_count() > 1:
-        return torch.device("cuda", local_rank)
+    if want == "cuda":
+        return torch.device("cuda", local_rank)  # one process per GPU under torchrun; cuda:0 otherwise
     return torch.device(want)
 
 
@@ -356,7 +357,8 @@ def train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_
     distributed, rank, world, local_rank = _dist_info()
     if distributed and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        # rank 0 evaluates val/test while the others wait at the final barrier: allow it time
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(hours=3))
     is_main = rank == 0
     device = _device(cfg, local_rank)
     if device.type == "cuda":
