@@ -205,3 +205,19 @@ def test_real_tiny_grid_end_to_end(tmp_path):
     # rerun: nothing to do
     df2 = ex.run_grid(grid, tmp_path / "results", step=FakeStep())
     assert len(df2) == 1 and df2.iloc[0]["wall_time_s"] == row["wall_time_s"]
+
+
+def _parallel_step(spec, run_dir):
+    import os
+
+    import torch
+
+    return {"stage1.val.miou": 0.1 * spec.seed, "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+
+def test_parallel_jobs_fill_the_same_table(tmp_path):
+    g = _grid(tmp_path, methods=["pbip"], seeds=[0, 1, 2])
+    df = ex.run_grid(g, tmp_path / "results", jobs=2, step=_parallel_step)
+    assert len(df) == 3 and (df["status"] == "ok").all() and df["hash"].is_unique
+    assert sorted(df["stage1.val.miou"]) == pytest.approx([0.0, 0.1, 0.2])
+    assert df["pid"].nunique() >= 1 and (df["threads"] >= 1).all()
