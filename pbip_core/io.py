@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -29,6 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)          # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -54,8 +58,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def save_png(array: np.ndarray, path: str | Path, palette: list[tuple[int, int, int]] | None = None) -> None:
     """Write an RGB (H, W, 3) uint8 image, or an (H, W) index mask as a P-mode PNG with ``palette``."""
     if array.ndim == 2:
-        img = Image.fromarray(array.astype(np.uint8), mode="P")
-        if palette is not None:
+        if palette is None:                          # a plain 8-bit index mask (P mode without a palette loses bits)
+            img = Image.fromarray(array.astype(np.uint8), mode="L")
+        else:
+            img = Image.fromarray(array.astype(np.uint8), mode="P")
             flat = [c for rgb in palette for c in rgb]
             img.putpalette(flat + [0] * (768 - len(flat)))
     else:

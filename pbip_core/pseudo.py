@@ -110,10 +110,8 @@ def iter_pseudo_masks(
         else:
             present = predicted_present(logits, cfg.pseudo.predict_threshold)
         for j, it in enumerate(items):
-            path = ds.path(it["index"]) if hasattr(ds, "path") else None
-            rgb = read_rgb(path) if path is not None else None
-            if rgb is None:
-                raise DataError(f"dataset item {it['name']}: cannot locate its image file")
+            path = ds.items[it["index"]][0] if split == "train" else ds.pairs[it["index"]][0]
+            rgb = read_rgb(path)
             h, w = rgb.shape[:2]
             c = F.interpolate(cam[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)
             pred = restricted_argmax(c, present[j:j + 1])[0].cpu().numpy().astype(np.uint8)
@@ -155,8 +153,7 @@ def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, o
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for name, pred, _ in iter_pseudo_masks(classnet, data_root, split, cfg, labels, device, progress=progress):
-        stem = name if split != "train" else name
-        save_png(pred, out / stem, list(info.palette))
+        save_png(pred, out / name, list(info.palette))
         n += 1
     if n == 0:
         raise DataError(f"{data_root}/{split}: no images to write pseudo masks for")

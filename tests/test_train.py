@@ -1,0 +1,140 @@
+"""Stage 1 end to end on the smoke profile: training, resume, NaN handling, pseudo masks, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _pipeline import tiny_bank, tiny_data
+from pbip_core.cli import main as cli
+from pbip_core.config import make_config
+from pbip_core.errors import PBIPError, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    data = tiny_data(root)
+    return root, data, tiny_bank(root, data)
+
+
+def _cfg(**ov):
+    return make_config("smoke", {"train.epochs": 2, **ov})
+
+
+def test_bank_of_the_synthetic_set(setup):
+    from pbip_core.bank import PrototypeBank
+
+    _, _, bank_path = setup
+    bank = PrototypeBank.load(bank_path)
+    assert bank.features.shape[:2] == (4, 2) and bank.classes == ["TUM", "STR", "LYM", "NEC"]
+    assert all(len(m) >= 1 for cls in bank.members for m in cls)
+    st = bank.info["stats"]
+    for n in range(4):
+        assert 1 <= st["eligible"][n] == st["single_class"][n] - st["dropped_white"][n]
+        chosen = sum(bank.members[n], [])
+        assert len(set(chosen)) <= st["eligible"][n]
+
+
+def test_resume_after_interruption_gives_the_same_model(setup, tmp_path):
+    from pbip_core.train import train
+
+    _, data, bank = setup
+    full = train(_cfg(), data, bank, tmp_path / "full", progress=False)
+    part = train(_cfg(), data, bank, tmp_path / "part", progress=False, stop_after_epoch=1)
+    assert part == {"interrupted_after_epoch": 1}
+    assert not (tmp_path / "part" / "metrics.json").exists()
+    resumed = train(_cfg(), data, bank, tmp_path / "part", resume=True, progress=False)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    for k, v in a["classnet"].items():
+        assert torch.allclose(v.float(), b["classnet"][k].float(), atol=1e-6), k
+    assert resumed["best_val_miou"] == pytest.approx(full["best_val_miou"], abs=1e-9)
+    hist = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert {"total", "cls", "fgs", "bgs"} <= set(hist["steps"][0]) and len(hist["epochs"]) == 2
+    assert hist["steps"][0]["fgs"] > 0 and hist["steps"][0]["bgs"] > 0
+    # a finished run is not silently overwritten; a changed config cannot resume
+    with pytest.raises(PBIPError, match="already holds a finished run"):
+        train(_cfg(), data, bank, tmp_path / "full", progress=False)
+    with pytest.raises(PBIPError, match="different configuration"):
+        train(_cfg(**{"train.lr": 0.5}), data, bank, tmp_path / "full", resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
+    from pbip_core.train import train
+
+    _, data, bank = setup
+    with pytest.raises(TrainingError, match="non-finite loss.*epoch 1"):
+        train(_cfg(**{"loss.alpha": float("nan")}), data, bank, tmp_path / "nan", progress=False)
+
+
+@pytest.mark.parametrize("method", ["cam", "official"])
+def test_presets_train_and_write_pseudo_masks(setup, tmp_path, method):
+    from pbip_core.data import list_pairs
+    from pbip_core.io import read_mask
+
+    _, data, bank = setup
+    run = tmp_path / method
+    assert cli(["train", "--data", str(data), "--bank", str(bank), "--out", str(run), "--profile", "smoke",
+                "--set", f"method={method}"]) == 0
+    masks = tmp_path / f"{method}-masks"
+    assert cli(["pseudo", "--run", str(run), "--data", str(data), "--split", "test", "--out", str(masks)]) == 0
+    pairs = list_pairs(data, "test")
+    for img, mask in pairs:
+        pred = read_mask(masks / mask.name)
+        gt = read_mask(mask)
+        assert pred.shape == gt.shape and set(np.unique(pred)) <= {0, 1, 2, 3, 4}
+        # restricted to the GT's classes (background 4 from the white rule allowed)
+        assert set(np.unique(pred)) - {4} <= set(np.unique(gt)) - {4}
+    out = tmp_path / f"{method}.json"
+    assert cli(["evaluate", "--pred", str(masks), "--data", str(data), "--split", "test", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert 0 <= res["miou"] <= 1 and res["n_images"] == len(pairs)
+
+
+def test_train_split_pseudo_masks_use_file_labels(setup, tmp_path):
+    from pbip_core.data import list_train
+    from pbip_core.io import read_mask
+    from pbip_core.pseudo import write_pseudo_masks
+    from pbip_core.train import train
+
+    _, data, bank = setup
+    train(make_config("smoke", {"method": "cam"}), data, bank, tmp_path / "r", progress=False)
+    out = write_pseudo_masks(tmp_path / "r", data, "train", tmp_path / "m", progress=False)
+    for path, label in list_train(data)[:12]:
+        values = set(np.unique(read_mask(out / path.name))) - {4}
+        assert values <= set(np.flatnonzero(label))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_two_cpu_processes(setup, tmp_path):
+    _, data, bank = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "pbip_core", "train", "--data", str(data), "--bank", str(bank), "--out", str(tmp_path / "ddp"),
+           "--profile", "smoke", "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    hist = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    # 48 images, batch 8 per rank, 2 ranks -> 3 steps per epoch
+    assert metrics["steps"] == 3 and len(hist["epochs"]) == 1
+
+
+def test_bad_inputs(setup, tmp_path):
+    _, data, bank = setup
+    assert cli(["train", "--data", str(tmp_path / "nope"), "--bank", str(bank), "--out", str(tmp_path / "o"),
+                "--profile", "smoke"]) == 2
+    assert cli(["train", "--data", str(data), "--bank", str(tmp_path / "nobank.pt"), "--out", str(tmp_path / "o"),
+                "--profile", "smoke"]) == 2
+    assert cli(["train", "--data", str(data), "--bank", str(bank), "--out", str(tmp_path / "o"),
+                "--profile", "smoke", "--set", "model.delta=3"]) == 2
