@@ -341,7 +341,7 @@ def encode_images(
     for s in tqdm(it, desc="encode bank images", disable=not progress, unit="batch"):
         arrs = [read_rgb(p) for p in paths[s:s + batch_size]]
         whites.extend(white_fraction(a) for a in arrs)
-        x = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrs]).float().div(255).to(device)
+        x = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrs]).float().div(255).to(device)
         with torch.no_grad():
             feats.append(encoder.encode(x).float().cpu())
     d = getattr(encoder, "dim", 0)
