@@ -224,11 +224,16 @@ def strip_outputs(nb: Any) -> Any:
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
+        if cell.metadata.get("tags") == []:
+            cell.metadata.pop("tags")
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
     for key in ("papermill", "widgets"):
         nb.metadata.pop(key, None)
+    if "language_info" in nb.metadata:  # the kernel's version details change from machine to machine
+        nb.metadata["language_info"] = {k: v for k, v in nb.metadata["language_info"].items()
+                                        if k in ("name", "pygments_lexer")}
     return nb
 
 
