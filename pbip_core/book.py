@@ -256,7 +256,9 @@ def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], ke
     try:
         pm.execute_notebook(str(nb_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
                             cwd=str(book_dir), progress_bar=False, log_output=log_output,
-                            execution_timeout=cell_timeout)
+                            execution_timeout=cell_timeout,
+                            # the kernel's own log (e.g. "running over TCP without encryption") is noise here
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as e:
         kept = _keep_failed(tmp, failed_dir / nb_path.name)
         first = (e.source or "").strip().splitlines()[:1]
@@ -332,9 +334,11 @@ def build_html(book_root: Path, path_output: Path | None = None, strict: bool = 
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
         raise PBIPError(f"jupyter-book build {book_root} failed (exit {proc.returncode}):\n{tail}")
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if "pbip" in line.lower() and "warning" in line.lower():
-            print(line, file=sys.stderr)
+    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    for line in warnings[:20]:
+        print(line, file=sys.stderr)
+    if len(warnings) > 20:
+        print(f"... and {len(warnings) - 20} more warnings", file=sys.stderr)
     return (path_output or book_root) / "_build" / "html"
 
 

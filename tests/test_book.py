@@ -138,6 +138,25 @@ def test_kernel_for_this_python_writes_a_spec_when_needed(tmp_path, monkeypatch)
     assert Path(spec.argv[0]).resolve() == Path(book.sys.executable).resolve()
 
 
+def test_run_chapters_order_parameters_and_progress(tmp_path, monkeypatch, capsys):
+    """`pbip book` runs chapters in the given order with profile and out_dir (relative to book/) injected."""
+    calls = []
+
+    def fake_execute(ch, book_dir, params, kernel, failed_dir, log_output=False, cell_timeout=None):
+        calls.append((ch, book_dir, dict(params), kernel))
+        return 0.25
+
+    monkeypatch.setattr(book, "execute_chapter", fake_execute)
+    (tmp_path / "book").mkdir()
+    times = book.run_chapters(tmp_path, book.chapter_order(["03"]), "smoke", tmp_path / "res")
+    assert [c[0] for c in calls] == ["01", "02", "03"] and times == {"01": 0.25, "02": 0.25, "03": 0.25}
+    assert all(c[1] == tmp_path / "book" and c[3] == "python3" for c in calls)
+    assert calls[0][2] == {"profile": "smoke", "out_dir": "../res"}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[1/3] chapter 01 01_data.ipynb (profile smoke)")
+    assert out[-1] == "[3/3] chapter 03 done in 0.2 s"
+
+
 def test_vendor_helpers(tmp_path):
     assert book._tarball_name("@jupyter-widgets/html-manager@1.0.13") == "jupyter-widgets-html-manager-1.0.13.tgz"
     assert book._tarball_name("mathjax@3.2.2") == "mathjax-3.2.2.tgz"
