@@ -31,7 +31,6 @@ of the final tokens) it equals ``encode`` when the mask is all ones; for a maske
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 

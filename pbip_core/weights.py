@@ -140,7 +140,7 @@ def load_hf_pretrained(key: str, loader: Callable[..., object], weights: str | o
             return loader(source, local_files_only=local_only, **kw)
         except Exception as e:  # noqa: BLE001 - OSError, HTTP/connection errors, bad local dirs all end here
             errors.append(f"{source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise WeightsError(f"{entry.manifest_ref} could not be loaded ({'; '.join(errors)[:400]}); "
+    raise WeightsError(f"{entry.manifest_ref} could not be loaded ({errors[-1][:300]}); "
                        f"{entry.how_to_provide()}")
 
 

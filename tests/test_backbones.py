@@ -133,3 +133,26 @@ def test_available_backbones():
     av = available_backbones()
     assert set(av) == set(BACKBONES)
     assert av["efficientnet_lite0"] == "available" and av["densenet121"] == "available"
+
+
+def test_local_weights_dirs_are_loaded(tmp_path, monkeypatch):
+    """The real loading paths (local directory / file, as a user provides them offline) with saved random weights."""
+    import timm
+    from transformers import SegformerModel
+
+    from pbip_core.backbones import mit_b1_config
+
+    torch.manual_seed(0)
+    ref = SegformerModel(mit_b1_config())
+    ref.save_pretrained(tmp_path / "mit")
+    monkeypatch.setenv("PBIP_WEIGHTS_MIT_B1", str(tmp_path / "mit"))
+    bb = get_backbone("mit_b1")
+    assert str(tmp_path / "mit") in bb.pretrained_source
+    for k, v in ref.state_dict().items():
+        assert torch.equal(bb.model.state_dict()[k], v), k
+
+    net = timm.create_model("resnet18", pretrained=False)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    bb = get_backbone("resnet18", weights=str(tmp_path / "r18.pth"), output_stride=8)
+    own = bb.body.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in net.state_dict().items() if k in own)

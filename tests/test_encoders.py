@@ -353,3 +353,21 @@ def test_conversion_cache_is_reused(tmp_path, monkeypatch):
     src.write_bytes(b"abcd")               # a changed source file is converted again
     W.cached_conversion("t", src, convert)
     assert len(calls) == 2
+
+
+def test_clip_from_a_local_directory(tmp_path, monkeypatch):
+    """The local-directory path of a hub encoder (what PBIP_WEIGHTS_CLIP points at), with a tiny saved model."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
+    (tmp_path / "clip" / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], '
+                                                               '"image_std": [0.25, 0.25, 0.25]}')
+    monkeypatch.setenv("PBIP_WEIGHTS_CLIP", str(tmp_path / "clip"))
+    enc = get_encoder("clip")
+    assert enc.dim == 16 and enc.input_size == 32 and str(tmp_path / "clip") in enc.pretrained_source
+    assert torch.allclose(enc.std.flatten(), torch.full((3,), 0.25))
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert enc.encode(torch.rand(1, 3, 32, 32)).shape == (1, 16)
