@@ -293,7 +293,7 @@ def build_bank(
     candidates = np.unique(np.concatenate(class_members)) if class_members else np.array([], dtype=int)
 
     if encoder is None:
-        encoder = get_encoder(cfg.encoder, device=device)
+        encoder = get_encoder(cfg.encoder, device=device, input_size=cfg.encoder_size or None)
     paths = [items[i][0] for i in candidates]
     feats_c, whites = encode_images(paths, encoder, cfg.batch_size, cache_dir, device, progress)
     pos = {int(i): j for j, i in enumerate(candidates)}

@@ -47,6 +47,8 @@ class DataConfig:
 @dataclass
 class BankConfig:
     encoder: str = "pathmnist-densenet121"   # name in encoders.ENCODERS
+    encoder_size: int = 0             # square input size of the encoder (0 = its native size, e.g. 224); the bank and
+                                      # the FG/BG images use the same size so prototypes and features are comparable
     k: int = 3                        # K clusters per class (sec. 3.2)
     nk: int = 100                     # N_K images kept per cluster
     white_threshold: float = 0.5      # drop images whose white-pixel share is above this
@@ -61,7 +63,7 @@ class BankConfig:
 class ModelConfig:
     backbone: str = "mit_b1"          # mit_b1 | resnet18 | resnet50 | efficientnet_lite0 | ...
     pretrained: bool = True           # load the backbone's pretrained weights (error if unavailable)
-    levels: tuple[int, ...] = (2, 3, 4)   # backbone stages used as F_i (paper: 3 levels; official: 1-4)
+    levels: tuple[int, ...] = (1, 2, 3)   # backbone stages used as F_i: paper sec. 3.3, i = 1..3 at H/2^(i+1); official: 1-4
     sim: bool = True                  # eq. 2 cosine SIM head; False = 1x1 conv head (Table 5)
     at: bool = True                   # adaptive threshold (eq. 4); False = b = 1 everywhere (Table 5)
     delta: float = 0.15               # eq. 4
@@ -168,7 +170,8 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
     "smoke": {
         "data.image_size": 64, "data.max_train": 48, "data.augment": False,
         "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 2, "bank.nk": 5, "bank.kmeans_restarts": 2,
-        "model.backbone": "efficientnet_lite0", "model.levels": (2, 3, 4),
+        "bank.encoder_size": 64,
+        "model.backbone": "efficientnet_lite0", "model.levels": (1, 2, 3),
         "train.epochs": 1, "train.batch_size": 8, "train.lr": 1e-4, "train.max_val": 8, "train.log_every": 1,
         "stage2.backbone": "resnet18", "stage2.pretrained": False, "stage2.epochs": 1, "stage2.batch_size": 8,
         "stage2.image_size": 64, "stage2.lr": 1e-2,
@@ -176,8 +179,8 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
     # The embedded default: the synthetic dataset on 2 CPU cores.
     "demo": {
         "data.image_size": 128,
-        "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 3, "bank.nk": 20,
-        "model.backbone": "efficientnet_lite0", "model.levels": (2, 3, 4),
+        "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 3, "bank.nk": 20, "bank.encoder_size": 128,
+        "model.backbone": "efficientnet_lite0", "model.levels": (1, 2, 3),
         "train.epochs": 3, "train.batch_size": 10, "train.lr": 1e-4, "train.weight_decay": 0.003,
         "train.max_val": 0, "train.log_every": 10,
         "stage2.backbone": "efficientnet_lite0", "stage2.pretrained": True, "stage2.epochs": 6,
@@ -187,7 +190,7 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
     "paper": {
         "data.image_size": 224,
         "bank.encoder": "medclip", "bank.k": 3, "bank.nk": 100,
-        "model.backbone": "mit_b1", "model.levels": (2, 3, 4), "model.delta": 0.15,
+        "model.backbone": "mit_b1", "model.levels": (1, 2, 3), "model.delta": 0.15,
         "loss.alpha": 1.0, "loss.beta": 0.5, "loss.theta1": 1.0, "loss.theta2": 0.5, "loss.tau": 1.0,
         "train.epochs": 10, "train.batch_size": 10, "train.lr": 1e-5, "train.weight_decay": 0.003,
         "train.amp": True,

@@ -101,7 +101,7 @@ def prepare(cfg: Config, data_root: str | Path, bank_path: str | Path, device: s
     encoder = None
     if cfg.loss.fgs or cfg.loss.bgs:
         enc_name = bank.encoder if bank.encoder not in ("unknown", "official-pickle") else cfg.bank.encoder
-        encoder = get_encoder(enc_name, device=device)
+        encoder = get_encoder(enc_name, device=device, input_size=cfg.bank.encoder_size or None)
         if getattr(encoder, "dim", bank.dim) != bank.dim:
             raise PBIPError(f"encoder {enc_name!r} gives d={encoder.dim} features but the bank holds d={bank.dim}")
     model = build_model(cfg, bank.features, encoder).to(device)

@@ -14,7 +14,10 @@ from typing import Any, Callable, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless: CI, papermill, the CLI
+try:                                   # inside a Jupyter kernel keep the inline backend; elsewhere render headless
+    get_ipython  # type: ignore[name-defined]  # noqa: B018
+except NameError:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure, SubFigure  # noqa: E402
