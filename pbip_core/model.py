@@ -22,8 +22,9 @@ official code learns a scale initialised to 1/0.07).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -171,10 +172,28 @@ def separate(x: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, pairs: torch.T
 
 
 def encode_chunked(encoder: Any, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """phi_e(x) in chunks of ``chunk`` images (0 = one batched call).  x (P, 3, H, W) -> (P, d)."""
+    """phi_e(x) in chunks of ``chunk`` images (0 = one batched call).  x (P, 3, H, W) -> (P, d).
+
+    When a graph is built (x requires grad), each chunk is checkpointed: its forward keeps no activations and the
+    backward recomputes them chunk by chunk, so at most one chunk's encoder graph is alive at a time. Same values and
+    gradients as one call, memory ~ ``chunk`` images, at the cost of one extra encoder forward. (A training loop that
+    can hand the loss over gets the same memory cap without the recomputation: :meth:`ImgMatchNet.forward_backward`.)
+    """
     if chunk <= 0 or x.shape[0] <= chunk:
         return encoder.encode(x)
-    return torch.cat([encoder.encode(x[s:s + chunk]) for s in range(0, x.shape[0], chunk)])
+    parts = [x[s:s + chunk] for s in range(0, x.shape[0], chunk)]
+    if torch.is_grad_enabled() and x.requires_grad:
+        from torch.utils.checkpoint import checkpoint
+
+        # the frozen encoder is in eval mode (no dropout / drop-path): nothing random to replay
+        return torch.cat([checkpoint(encoder.encode, p, use_reentrant=False, preserve_rng_state=False)
+                          for p in parts])
+    return torch.cat([encoder.encode(p) for p in parts])
+
+
+def _loss_total(terms: Any) -> torch.Tensor:
+    """The scalar to minimise from a loss function's result (a tensor or an object with ``.total``)."""
+    return terms if isinstance(terms, torch.Tensor) else terms.total
 
 
 @dataclass
@@ -205,13 +224,17 @@ class ImgMatchNet(nn.Module):
         self.encoder.eval()                                          # frozen BN statistics
         return self
 
-    def forward(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
-                mlps: Sequence[nn.Module]) -> MatchOutput:
-        size = x.shape[-2:]
-        m = minmax(aggregate(maps, size, self.level_weights))       # eq. 3, then to [0, 1]
+    def masks(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 3-5 weights: M (B, N, H, W), b (or None), FG and BG weights (B, N, H, W), pairs (P, 2)."""
+        m = minmax(aggregate(maps, x.shape[-2:], self.level_weights))   # eq. 3, then to [0, 1]
         b = adaptive_threshold(m, self.delta, self.scope) if self.at else None    # eq. 4
         fg_w, bg_w = fg_bg_masks(m, b)                               # eq. 5 weights
-        pairs = positive_pairs(labels)
+        return m, b, fg_w, bg_w, positive_pairs(labels)
+
+    def forward(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
+                mlps: Sequence[nn.Module]) -> MatchOutput:
+        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels)
         if pairs.shape[0] == 0:
             return MatchOutput(pairs, [], [], m, b)
         if self.fgbg == "pooled":                                    # approximation: encode X once, pool under masks
@@ -226,6 +249,81 @@ class ImgMatchNet(nn.Module):
         fg = [mlp(f_fg) for mlp in mlps]                             # F_FG_i (P, C_i)
         bg = [mlp(f_bg) for mlp in mlps]
         return MatchOutput(pairs, fg, bg, m, b)
+
+    def forward_backward(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
+                         mlps: Sequence[nn.Module], loss_fn: Callable[..., Any]) -> tuple[MatchOutput, Any]:
+        """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact, no recomputation).
+
+        ``loss_fn(fg, bg, pairs)`` gets per-level features (p, C_i) of p pairs and their (p, 2) indices and returns the
+        loss (a scalar tensor, or e.g. :class:`~pbip_core.losses.LossTerms` with ``.total``); it may also hold terms
+        that do not depend on the features (L_CLS on the ClassNet's logits). Requirement: its dependence on the
+        features is a mean over the pairs of per-pair terms, as in eq. 9-12. Then dL/d(features of a chunk of p_c
+        pairs) = (p_c / P) d loss_fn(chunk)/d(features of the chunk), whatever the other chunks hold; so each chunk of
+        ``max(1, encoder_chunk // 2)`` pairs (its FG and BG images in one encoder call) is encoded, back-propagated to
+        its masked images and freed before the next one: at most one chunk's encoder graph is alive. A last backward
+        runs ``loss_fn`` on all P pairs (encoder outputs as constants) together with the masked images and their
+        collected gradients, so the upstream graph (masks -> backbone, prototypes and features -> MLPs) is traversed
+        once and every parameter's ``.grad`` is accumulated once, as by ``loss.backward()`` after :meth:`forward`.
+
+        x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N). Returns the match output (features detached) and
+        ``loss_fn``'s result on all pairs (its tensors detached). Gradients are accumulated into ``.grad``.
+        """
+        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels)
+        n_pairs = pairs.shape[0]
+        if n_pairs == 0 or self.fgbg == "pooled":                    # nothing to chunk: one forward, one backward
+            match = self.forward(x, maps, labels, mlps)
+            terms = loss_fn(match.fg, match.bg, match.pairs)
+            with _no_autocast(x):
+                _loss_total(terms).backward()
+            return _detached_match(match), _detach_terms(terms)
+        x_fg, x_bg = separate(x, fg_w, bg_w, pairs)                  # eq. 5 images with their graph, (P, 3, H, W)
+        per = max(1, self.encoder_chunk // 2) if self.encoder_chunk > 0 else n_pairs
+        f_fg, f_bg, g_fg, g_bg = [], [], [], []                      # encoder outputs (p_c, d), d/d(images)
+        for s in range(0, n_pairs, per):
+            e = min(s + per, n_pairs)
+            p_c = e - s
+            xin = torch.cat([x_fg[s:e], x_bg[s:e]]).detach().requires_grad_(True)   # the chunk's images as a leaf
+            f = self.encoder.encode(xin)                             # (2p_c, d): this chunk's graph only
+            f_leaf = f.detach().requires_grad_(True)
+            part = _loss_total(loss_fn([mlp(f_leaf[:p_c]) for mlp in mlps], [mlp(f_leaf[p_c:]) for mlp in mlps],
+                                       pairs[s:e]))
+            with _no_autocast(x):                                    # backward outside autocast regions
+                g_f, = torch.autograd.grad(part * (p_c / n_pairs), f_leaf)   # dL/d(features of this chunk)
+                g_x, = torch.autograd.grad(f, xin, g_f)              # through the encoder; frees its graph
+            f_fg.append(f_leaf.detach()[:p_c])
+            f_bg.append(f_leaf.detach()[p_c:])
+            g_fg.append(g_x[:p_c])
+            g_bg.append(g_x[p_c:])
+            del xin, f, f_leaf, part, g_f, g_x
+        f_fg, f_bg = torch.cat(f_fg), torch.cat(f_bg)                # (P, d) each, in pair order
+        fg = [mlp(f_fg) for mlp in mlps]
+        bg = [mlp(f_bg) for mlp in mlps]
+        terms = loss_fn(fg, bg, pairs)
+        total = _loss_total(terms)
+        with _no_autocast(x):
+            torch.autograd.backward([total, x_fg, x_bg], [torch.ones_like(total), torch.cat(g_fg), torch.cat(g_bg)])
+        return _detached_match(MatchOutput(pairs, fg, bg, m, b)), _detach_terms(terms)
+
+
+def _no_autocast(x: torch.Tensor) -> Any:
+    """A region with autocast off on ``x``'s device (backward passes should not run under autocast)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _detached_match(match: MatchOutput) -> MatchOutput:
+    return MatchOutput(match.pairs, [f.detach() for f in match.fg], [f.detach() for f in match.bg],
+                       match.mask.detach(), None if match.b is None else match.b.detach())
+
+
+def _detach_terms(terms: Any) -> Any:
+    """``loss_fn``'s result with its tensors detached (a tensor, or a dataclass such as LossTerms)."""
+    if isinstance(terms, torch.Tensor):
+        return terms.detach()
+    if dataclasses.is_dataclass(terms):
+        return dataclasses.replace(terms, **{f.name: getattr(terms, f.name).detach()
+                                             for f in dataclasses.fields(terms)
+                                             if isinstance(getattr(terms, f.name), torch.Tensor)})
+    return terms
 
 
 # ---------------------------------------------------------------------- the whole stage-1 model
