@@ -69,7 +69,7 @@ class ModelConfig:
     delta: float = 0.15               # eq. 4
     threshold_scope: str = "class"    # "class": max per image and class (paper); "global": max over all channels (official)
     proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i
-    logit_scale: float = 1.0          # multiplies the cosine maps before GAP/sigmoid; official: learnable, init 1/0.07
+    logit_scale: float = 10.0         # s in sigmoid(s * GAP(M_i)) (eq. 7 reading, see model.py); official: learnable, 1/0.07
     learn_logit_scale: bool = False
     normalize_prototypes: bool = True # official code leaves projected prototypes unnormalised
     fgbg: str = "exact"               # "exact": encode X_FG and X_BG (paper); "pooled": approximate (issue 6)
