@@ -181,7 +181,7 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
         "data.image_size": 128,
         "bank.encoder": "imagenet-efficientnet-lite0", "bank.k": 3, "bank.nk": 20, "bank.encoder_size": 128,
         "model.backbone": "efficientnet_lite0", "model.levels": (1, 2, 3),
-        "train.epochs": 3, "train.batch_size": 10, "train.lr": 1e-4, "train.weight_decay": 0.003,
+        "train.epochs": 2, "train.batch_size": 10, "train.lr": 1e-4, "train.weight_decay": 0.003,
         "train.max_val": 0, "train.log_every": 10,
         "stage2.backbone": "efficientnet_lite0", "stage2.pretrained": True, "stage2.epochs": 6,
         "stage2.batch_size": 10, "stage2.image_size": 128, "stage2.lr": 1e-2,
