@@ -1,11 +1,11 @@
-"""Interactive figures for the book: the adaptive threshold delta of eq. 4 (and, later, K of sec. 3.2).
+"""Interactive figures for the book: the adaptive threshold delta of eq. 4 and the bank's K and N_K (sec. 3.2).
 
 Two kinds of widget:
 
-* :func:`delta_explorer` works in the **static HTML book** as well as in a kernel: the figure for each delta
-  on a grid is rendered once, and a slider switches between them in the browser (``jslink`` of the slider's
-  index to a :class:`ipywidgets.Stack`), so no kernel is needed to move it.
-* :func:`delta_interact` recomputes the figure in the kernel for any delta (JupyterLab only).
+* :func:`delta_explorer` and :func:`bank_explorer` work in the **static HTML book** as well as in a kernel: the
+  figure for each value on a grid is rendered once, and a slider switches between them in the browser (``jslink``
+  of the slider's index to a :class:`ipywidgets.Stack`; :func:`static_explorer`), so no kernel is needed to move it.
+* :func:`delta_interact` and :func:`bank_interact` recompute the figure in the kernel for any value (JupyterLab).
 
 Equations (sec. 3.4)::
 
@@ -104,26 +104,38 @@ def _png_html(fig) -> str:
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="delta figure"/>'
 
 
+def static_explorer(pages: Sequence[tuple[str, str]], index: int = 0, description: str = "",
+                    width: str = "420px"):
+    """A slider over pre-rendered HTML pages that works without a kernel (static HTML book).
+
+    ``pages``: ``(slider label, HTML)`` pairs. The slider's index is linked in the browser (``jslink``) to a
+    :class:`ipywidgets.Stack` of :class:`ipywidgets.HTML` pages. Returns an :class:`ipywidgets.VBox`.
+    """
+    import ipywidgets as w
+
+    if not pages:
+        raise ValueError("static_explorer: no pages")
+    stack = w.Stack([w.HTML(html) for _, html in pages], selected_index=index)
+    slider = w.SelectionSlider(options=[(label, i) for i, (label, _) in enumerate(pages)], index=index,
+                               description=description, continuous_update=True, layout=w.Layout(width=width),
+                               style={"description_width": "initial"})
+    w.jslink((slider, "index"), (stack, "selected_index"))
+    return w.VBox([slider, stack])
+
+
 def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] = DELTA_GRID,
                    value: float = 0.15, title: str = ""):
     """A delta slider that also works in the static HTML book (no kernel).
 
     One figure per value of ``deltas`` is rendered now; the slider's index is linked in the browser to a
-    :class:`ipywidgets.Stack` holding them. Returns an :class:`ipywidgets.VBox`.
+    :class:`ipywidgets.Stack` holding them (:func:`static_explorer`). Returns an :class:`ipywidgets.VBox`.
     """
-    import ipywidgets as w
-
     deltas = [round(float(d), 4) for d in deltas]
     if not deltas:
         raise ValueError("deltas must not be empty")
     start = int(np.argmin([abs(d - value) for d in deltas]))
-    pages = [w.HTML(_png_html(delta_figure(image, cam, d, title))) for d in deltas]
-    stack = w.Stack(pages, selected_index=start)
-    slider = w.SelectionSlider(options=[(f"{d:.2f}", d) for d in deltas], index=start,
-                               description="δ", continuous_update=True,
-                               layout=w.Layout(width="420px"))
-    w.jslink((slider, "index"), (stack, "selected_index"))
-    return w.VBox([slider, stack])
+    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title))) for d in deltas]
+    return static_explorer(pages, start, "δ")
 
 
 def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, title: str = ""):
@@ -138,3 +150,70 @@ def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, titl
         plt.show()
 
     return w.interactive(show, delta=slider)
+
+
+# ---------------------------------------------------------------------------------------------------- the bank (sec. 3.2)
+#: (K, N_K) pairs the static bank explorer renders; N_K = 0 means "every image of the cluster".
+BANK_GRID: tuple[tuple[int, int], ...] = ((1, 5), (2, 5), (3, 5), (3, 20), (3, 0), (4, 5), (4, 20))
+
+
+def bank_figure(pool, k: int, nk: int, palette, seed: int = 0, proj_fit=None):
+    """The bank for one (K, N_K): projected features with the top-N_K sub-banks highlighted, and the prototype
+    cosine-similarity matrix (eq. 1 clustering, sec. 3.4 prototypes). ``pool``: :class:`pbip_core.explore.Pool`.
+
+    ``nk = 0`` keeps every image of each cluster. ``proj_fit``: a fitted sklearn PCA so that all (K, N_K) share axes.
+    """
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    from .explore import cluster_pool, cosine_matrix
+    from .viz import feature_projection, similarity_heatmap
+
+    cl = cluster_pool(pool, k, nk or len(pool.paths), seed=seed)
+    idx = np.concatenate(cl.index)
+    unit = lambda t: F.normalize(t.reshape(-1, t.shape[-1]).float(), dim=-1).numpy()  # noqa: E731
+    pca = proj_fit or _fit_pca(unit(pool.features[idx]), seed)
+    chosen_set = {int(i) for per in cl.chosen for c in per for i in c}
+    proj = {"xy": pca.transform(unit(pool.features[idx])), "cls": pool.label[idx],
+            "cluster": np.concatenate(cl.assign), "proto_xy": pca.transform(unit(cl.prototypes)),
+            "proto_cls": np.repeat(np.arange(cl.prototypes.shape[0]), k), "proto_k": np.tile(np.arange(k), cl.prototypes.shape[0])}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.8), dpi=80, gridspec_kw={"width_ratios": [1.1, 1]})
+    feature_projection(proj, pool.classes, palette, np.array([int(i) in chosen_set for i in idx]), ax=a,
+                       title=f"K = {k}, N_K = {nk or 'all'}: sub-banks bright, other images faded")
+    similarity_heatmap(cosine_matrix(cl.prototypes), pool.classes, k, ax=b, annotate=False)
+    fig.tight_layout()
+    return fig
+
+
+def _fit_pca(x: np.ndarray, seed: int = 0):
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=seed).fit(x)
+
+
+def bank_explorer(pool, palette, combos: Sequence[tuple[int, int]] = BANK_GRID, value: tuple[int, int] = (3, 20),
+                  seed: int = 0):
+    """A (K, N_K) slider over pre-rendered :func:`bank_figure` pages; works in the static HTML book."""
+    import torch.nn.functional as F
+
+    idx = np.flatnonzero(pool.eligible)
+    pca = _fit_pca(F.normalize(pool.features[idx].float(), dim=-1).numpy(), seed)
+    combos = [tuple(c) for c in combos]
+    start = combos.index(tuple(value)) if tuple(value) in combos else 0
+    pages = [(f"K={k}, N_K={nk or 'all'}", _png_html(bank_figure(pool, k, nk, palette, seed, pca)))
+             for k, nk in combos]
+    return static_explorer(pages, start, "bank", width="520px")
+
+
+def bank_interact(pool, palette, k: int = 3, nk: int = 20, seed: int = 0):
+    """Live sliders for K and N_K that recompute :func:`bank_figure` in the kernel (JupyterLab)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    def show(k: int, nk: int) -> None:
+        bank_figure(pool, k, nk, palette, seed)
+        plt.show()
+
+    return w.interactive(show, k=w.IntSlider(value=k, min=1, max=6, description="K", continuous_update=False),
+                         nk=w.IntSlider(value=nk, min=0, max=100, step=5, description="N_K (0 = all)",
+                                        continuous_update=False))

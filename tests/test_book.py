@@ -205,6 +205,53 @@ def _check_04(nb):
 CHECKS = {"01": _check_01, "04": _check_04}
 
 
+# ----- chapters 02, 03, 04, 08 (image bank, similarity masks, adaptive threshold, zero-shot) -------------------
+def _html(nb):
+    return "\n".join(texts(nb, "text/html"))
+
+
+def _check_02(nb):
+    html = _html(nb)
+    for marker in ("single-class", "dropped as white", "eligible for the bank", "sub-bank size",
+                   "within class (other prototypes)"):
+        assert marker in html, f"chapter 02: no table with {marker!r}"
+    assert len(texts(nb, "image/png")) >= 4, "chapter 02: white filter, montage, projection, similarity heatmap"
+    state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+    slider = next(m["state"] for m in state.values() if m["model_name"] == "SelectionSliderModel")
+    assert any(label.startswith("K=") for label in slider["_options_labels"]), "the (K, N_K) explorer"
+    stream = "\n".join(texts(nb, "stream"))
+    assert "prototypes P:" in stream and "(N, K, d)" in stream
+    from pbip_core.explore import official_prototype_path
+
+    if official_prototype_path().is_file():
+        assert "(4, 3, 512)" in stream, "chapter 02: the official prototype file's shape"
+
+
+def _check_03(nb):
+    html = _html(nb)
+    assert "abs_diff" in html and "M_i" in html, "chapter 03: shapes table and the eq. 2 check"
+    assert len(texts(nb, "image/png")) >= 2, "chapter 03: per-level maps and the batch figure"
+
+
+def _check_04_real_maps(nb):
+    _check_04(nb)
+    stream = "\n".join(texts(nb, "stream"))
+    assert "stage-1" in stream or "pbip run:" in stream, "chapter 04 uses the trained run's maps"
+    assert "demo_cam" not in "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert len(texts(nb, "image/png")) >= 1, "chapter 04: Figure 1 (with / without AT)"
+
+
+def _check_08(nb):
+    html = _html(nb)
+    assert "Table 6" in "\n".join(texts(nb, "text/markdown")) + html
+    for marker in ("Image / PLIP", "Image / imagenet-efficientnet-lite0", "Text / clip", "F1 mean"):
+        assert marker in html, f"chapter 08: no row/column {marker!r}"
+
+
+CHECKS.update({"02": _check_02, "03": _check_03, "04": _check_04_real_maps, "08": _check_08})
+# ----- end of chapters 02, 03, 04, 08 ----------------------------------------------------------------------------
+
+
 @pytest.mark.book
 @pytest.mark.parametrize("chapter", list(book.CHAPTERS))
 def test_chapter_runs_with_smoke_profile(chapter):
