@@ -82,6 +82,9 @@ def bgs_loss(f_bg: torch.Tensor, protos: torch.Tensor, cls: torch.Tensor, tau: f
 
 
 # ---------------------------------------------------------------------- eq. 6, 13: total
+TERM_NAMES = ("total", "cls", "fgs", "bgs", "sim", "reg")
+
+
 @dataclass
 class LossTerms:
     total: torch.Tensor
@@ -92,7 +95,11 @@ class LossTerms:
     reg: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("total", "cls", "fgs", "bgs", "sim", "reg")}
+        return {k: float(getattr(self, k).detach()) for k in TERM_NAMES}
+
+    def stacked(self) -> torch.Tensor:
+        """The terms as one detached (6,) tensor, in :data:`TERM_NAMES` order (no host-device sync)."""
+        return torch.stack([getattr(self, k).detach().float().reshape(()) for k in TERM_NAMES])
 
 
 def total_loss(

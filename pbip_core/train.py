@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .config import Config, load_config, make_config
 from .errors import DataError, PBIPError, TrainingError
 from .io import atomic_torch_save, atomic_write_json
+from .losses import TERM_NAMES
 
 
 # ---------------------------------------------------------------------- helpers
@@ -205,7 +206,9 @@ def train(
         start_epoch, step = state["epoch"], state["step"]
         _set_rng_state(state["rng"])
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and "cuda" in device) else None
+    on_gpu = "cuda" in device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu) else None
+    chunked = cfg.train.encoder_chunk > 0 and world == 1 and model.matcher is not None
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         ddp_model.train()
@@ -217,6 +220,7 @@ def train(
         )
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not progress or rank != 0,
                    unit="batch")
+        pending: list[tuple[int, float, torch.Tensor]] = []     # (step, lr, detached loss terms) not yet logged
         for batch in bar:
             x, y = batch["image"], batch["label"].float()
             if cfg.data.augment:
@@ -224,29 +228,17 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast if autocast is not None else _null():
-                out_c, match = ddp_model(x, y)
-                terms = total_loss(
-                    out_c.logits.float(), y,
-                    match.fg if match is not None else [], match.bg if match is not None else [],
-                    out_c.protos, match.pairs if match is not None else None, cfg.loss,
-                    last_map=out_c.maps[-1],
-                )
-            if not torch.isfinite(terms.total):
-                raise TrainingError(
-                    f"non-finite loss ({terms.as_floats()}) at epoch {epoch + 1}, step {step}; "
-                    f"lower train.lr (now {cfg.train.lr}) or check the input images; last good checkpoint: {last}"
-                )
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            with autocast if autocast is not None else _null():
+                terms = _loss_and_backward(model, ddp_model, x, y, cfg, chunked)
+            step += 1
+            pending.append((step, sched.get_last_lr()[0], terms.stacked()))
+            # CPU: check every step (free). GPU: every log_every steps, so the step has no host-device sync.
+            if not on_gpu or len(pending) >= cfg.train.log_every:
+                _flush(pending, history, epoch, cfg, last, bar if (rank == 0 and progress) else None)
             opt.step()
             sched.step()
-            step += 1
-            rec = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0], **terms.as_floats()}
-            history["steps"].append(rec)
-            if rank == 0 and progress:
-                bar.set_postfix(loss=f"{rec['total']:.3f}", cls=f"{rec['cls']:.3f}", fgs=f"{rec['fgs']:.3f}",
-                                bgs=f"{rec['bgs']:.3f}")
+        _flush(pending, history, epoch, cfg, last, None)
         bar.close()
 
         ep = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2)}
@@ -278,6 +270,50 @@ def train(
             atomic_torch_save({"classnet": model.classnet.state_dict(), "epoch": cfg.train.epochs}, out / "best.pt")
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _loss_and_backward(model: Any, ddp_model: Any, x: torch.Tensor, y: torch.Tensor, cfg: Config, chunked: bool):
+    """One step's loss (eq. 6) and its backward. ``chunked``: FG/BG encoded and back-propagated chunk by chunk under
+    the ``train.encoder_chunk`` memory cap (exact; see ImgMatchNet.forward_backward)."""
+    from .losses import total_loss
+
+    if chunked:
+        out_c = model.classnet(x)
+
+        def loss_fn(fg, bg, pairs):
+            return total_loss(out_c.logits.float(), y, fg, bg, out_c.protos, pairs, cfg.loss, last_map=out_c.maps[-1])
+
+        _, terms = model.matcher.forward_backward(x, out_c.maps, y, model.classnet.mlps, loss_fn)
+        return terms
+    out_c, match = ddp_model(x, y)
+    terms = total_loss(
+        out_c.logits.float(), y,
+        match.fg if match is not None else [], match.bg if match is not None else [],
+        out_c.protos, match.pairs if match is not None else None, cfg.loss,
+        last_map=out_c.maps[-1],
+    )
+    terms.total.backward()
+    return terms
+
+
+def _flush(pending: list, history: dict, epoch: int, cfg: Config, last: Path, bar: Any) -> None:
+    """Move pending loss terms to the history (one host-device sync); stop on a non-finite loss before the
+    optimizer applies it."""
+    if not pending:
+        return
+    vals = torch.stack([t for _, _, t in pending]).cpu()          # (S, 6)
+    for (step, lr, _), row in zip(pending, vals.tolist()):
+        rec = {"epoch": epoch + 1, "step": step, "lr": lr, **dict(zip(TERM_NAMES, row))}
+        if not all(math.isfinite(v) for v in row):
+            raise TrainingError(
+                f"non-finite loss ({ {k: rec[k] for k in TERM_NAMES} }) at epoch {epoch + 1}, step {step}; "
+                f"lower train.lr (now {cfg.train.lr}) or check the input images; last good checkpoint: {last}"
+            )
+        history["steps"].append(rec)
+    pending.clear()
+    if bar is not None:
+        r = history["steps"][-1]
+        bar.set_postfix(loss=f"{r['total']:.3f}", cls=f"{r['cls']:.3f}", fgs=f"{r['fgs']:.3f}", bgs=f"{r['bgs']:.3f}")
 
 
 class _null:
