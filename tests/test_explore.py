@@ -94,3 +94,19 @@ def test_stage1_grid_uses_the_chapter(tmp_path):
     spec, = plan(load_grid(g), quiet=True)
     assert spec.cfg.bank.encoder == "pathmnist-densenet121" and spec.cfg.train.epochs == 2
     assert spec.cfg.data.max_train == explore.BOOK_RUN_OVERRIDES["demo"]["data.max_train"]
+
+
+def test_shared_run_is_the_ablation_baseline(tmp_path):
+    """Chapters 03/04 and the ablation grid of chapters 07/09 ask for one and the same stage-1 run (same hash)."""
+    from pbip_core.book import chapter_setup
+    from pbip_core.experiments import load_grid, plan
+
+    chapters = pytest.importorskip("pbip_core.chapters")
+    if not (chapters.BOOK_GRIDS_DIR / "book-ablation.yaml").is_file():
+        pytest.skip("no book-ablation grid")
+    for profile in ("smoke", "demo"):
+        ch = chapter_setup(profile, dataset=str(tmp_path / "d"), out_dir=str(tmp_path))
+        mine, = plan(load_grid(explore.stage1_grid(ch)), quiet=True)
+        theirs = [s for s in plan(chapters.book_grid("book-ablation", ch, seeds=[ch.seeds[0]]), quiet=True)
+                  if s.variant == "baseline"]
+        assert [s.hash for s in theirs] == [mine.hash], profile
