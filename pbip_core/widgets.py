@@ -94,14 +94,14 @@ def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = 
     return fig
 
 
-def _png_html(fig) -> str:
+def _png_html(fig, alt: str = "figure") -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="delta figure"/>'
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="{alt}"/>'
 
 
 def static_explorer(pages: Sequence[tuple[str, str]], index: int = 0, description: str = "",
@@ -134,7 +134,8 @@ def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] =
     if not deltas:
         raise ValueError("deltas must not be empty")
     start = int(np.argmin([abs(d - value) for d in deltas]))
-    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title))) for d in deltas]
+    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title), f"eq. 4-5 at delta {d:.2f}"))
+             for d in deltas]
     return static_explorer(pages, start, "δ")
 
 
@@ -152,7 +153,7 @@ def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, titl
     return w.interactive(show, delta=slider)
 
 
-# ---------------------------------------------------------------------------------------------------- the bank (sec. 3.2)
+# ------------------------------------------------------------------------------------------ the bank (sec. 3.2)
 #: (K, N_K) pairs the static bank explorer renders; N_K = 0 means "every image of the cluster".
 BANK_GRID: tuple[tuple[int, int], ...] = ((1, 5), (2, 5), (3, 5), (3, 20), (3, 0), (4, 5), (4, 20))
 
@@ -176,7 +177,8 @@ def bank_figure(pool, k: int, nk: int, palette, seed: int = 0, proj_fit=None):
     chosen_set = {int(i) for per in cl.chosen for c in per for i in c}
     proj = {"xy": pca.transform(unit(pool.features[idx])), "cls": pool.label[idx],
             "cluster": np.concatenate(cl.assign), "proto_xy": pca.transform(unit(cl.prototypes)),
-            "proto_cls": np.repeat(np.arange(cl.prototypes.shape[0]), k), "proto_k": np.tile(np.arange(k), cl.prototypes.shape[0])}
+            "proto_cls": np.repeat(np.arange(len(pool.classes)), k),
+            "proto_k": np.tile(np.arange(k), len(pool.classes))}
     fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.8), dpi=80, gridspec_kw={"width_ratios": [1.1, 1]})
     feature_projection(proj, pool.classes, palette, np.array([int(i) in chosen_set for i in idx]), ax=a,
                        title=f"K = {k}, N_K = {nk or 'all'}: sub-banks bright, other images faded")
@@ -200,8 +202,9 @@ def bank_explorer(pool, palette, combos: Sequence[tuple[int, int]] = BANK_GRID, 
     pca = _fit_pca(F.normalize(pool.features[idx].float(), dim=-1).numpy(), seed)
     combos = [tuple(c) for c in combos]
     start = combos.index(tuple(value)) if tuple(value) in combos else 0
-    pages = [(f"K={k}, N_K={nk or 'all'}", _png_html(bank_figure(pool, k, nk, palette, seed, pca)))
-             for k, nk in combos]
+    labels = [f"K={k}, N_K={nk or 'all'}" for k, nk in combos]
+    pages = [(lab, _png_html(bank_figure(pool, k, nk, palette, seed, pca), f"bank with {lab}"))
+             for lab, (k, nk) in zip(labels, combos)]
     return static_explorer(pages, start, "bank", width="520px")
 
 
