@@ -54,8 +54,8 @@ def stage1_run(ch: Any, method: str = "pbip", seed: int | None = None, splits: S
                stage2: bool = False, overrides: dict[str, Any] | None = None) -> Path:
     """The stage-1 run folder (``.../runs/<hash>/stage1``) of the chapter's profile, trained now if not cached.
 
-    Results live in ``<out_dir>/experiments`` (table ``book-<profile>.csv``, run folders ``runs/<hash>``). Raises :class:`DataError` with the
-    runner's reason when the run failed.
+    Results live in ``<out_dir>/experiments`` (table ``book-<profile>.csv``, run folders ``runs/<hash>``).
+    Raises :class:`DataError` with the runner's reason when the run failed.
     """
     from .experiments import run_grid
 
@@ -240,7 +240,7 @@ def project_2d(pool: Pool, clusters: Clusters, method: str = "pca", seed: int = 
             "proto_cls": np.repeat(np.arange(n), k), "proto_k": np.tile(np.arange(k), n)}
 
 
-# ---------------------------------------------------------------------------------------------------- eq. 2-5 on a batch
+# ------------------------------------------------------------------------------------------ eq. 2-5 on a batch
 def val_batch(data_root: str | Path, split: str, image_size: int, n: int, start: int = 0
               ) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
     """``n`` images of a split from index ``start``, resized to ``image_size``.
