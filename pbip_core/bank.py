@@ -331,7 +331,7 @@ def encode_images(
 
     from .io import atomic_torch_save, read_rgb
 
-    key = _data_hash(paths, getattr(encoder, "name", type(encoder).__name__))
+    key = _data_hash(paths, f"{getattr(encoder, 'name', type(encoder).__name__)}@{getattr(encoder, 'input_size', '')}")
     cache = Path(cache_dir) / f"bank-features-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         obj = torch.load(cache, map_location="cpu", weights_only=True)
