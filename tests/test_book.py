@@ -252,6 +252,50 @@ CHECKS.update({"02": _check_02, "03": _check_03, "04": _check_04_real_maps, "08"
 # ----- end of chapters 02, 03, 04, 08 ----------------------------------------------------------------------------
 
 
+# ----- chapters 05, 06, 07, 09 (contrastive training, stage 2 / Table 1, ablations, paper vs code) ---------------
+def _tables(nb):
+    return "\n".join(texts(nb, "text/html"))
+
+
+def _check_05(nb):
+    html = _tables(nb)
+    assert "L_FGS (eq. 9)" in html and "by hand" in html, "chapter 05: the toy loss table"
+    assert "Paper (Tang et al. 2025, Table 5" in html and "profile smoke" in html, "chapter 05: stage-1 vs paper"
+    for method in ("pbip", "cam", "official"):
+        assert method in html
+    assert len(texts(nb, "image/png")) >= 4, "chapter 05: loss curves, val curves, Figure 5a and 5b"
+
+
+def _check_06(nb):
+    html = _tables(nb)
+    assert "Paper (Tang et al. 2025, Table 1" in html and "PBIP (Ours)" in html, "chapter 06: Table 1"
+    assert "stage-2 predictions on test" in html and "seeds [0]" in html, "chapter 06: provenance caption"
+    assert "gain (pp)" in html and "needs &gt;= 2 seeds" in html, "chapter 06: stage gain and t-tests"
+    assert len(texts(nb, "image/png")) >= 2
+
+
+def _check_07(nb):
+    html = _tables(nb)
+    for table in ("Table 2", "Table 5", "Table 4", "Figure 4", "Table 3"):
+        assert f"Paper (Tang et al. 2025, {table}" in html, f"chapter 07: {table} beside the paper"
+    assert "CLS+FGS+BGS" in html and "SIM+AT" in html and "100 clustering" in html
+    assert "weights not available offline" in html or "weights available" in html, "chapter 07: Table 3 status"
+    assert "no numbers for Figure 3" in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert len(texts(nb, "image/png")) >= 3, "chapter 07: Table 2 bars, Figure 3, Figure 4"
+
+
+def _check_09(nb):
+    html = _tables(nb)
+    for marker in ("temperature of eq. 9, 11", "mask threshold (eq. 4)", "official preset",
+                   "pooled FG/BG (approximation)", "stage-1 training (s)"):
+        assert marker in html, f"chapter 09: no row/column {marker!r}"
+    assert len(texts(nb, "image/png")) >= 1
+
+
+CHECKS.update({"05": _check_05, "06": _check_06, "07": _check_07, "09": _check_09})
+# ----- end of chapters 05, 06, 07, 09 ----------------------------------------------------------------------------
+
+
 @pytest.mark.book
 @pytest.mark.parametrize("chapter", list(book.CHAPTERS))
 def test_chapter_runs_with_smoke_profile(chapter):
