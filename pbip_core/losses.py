@@ -40,14 +40,14 @@ def prototype_similarities(feat: torch.Tensor, protos: torch.Tensor) -> torch.Te
     return torch.einsum("pc,nkc->pnk", F.normalize(feat, dim=-1), F.normalize(protos, dim=-1))
 
 
-def _own_and_other(sims: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split (P, N, K) similarities into the pair's own class (P, K) and the other classes (P, N-1, K)."""
-    n = sims.shape[1]
-    own = sims[torch.arange(sims.shape[0]), cls]                      # (P, K)
-    other_mask = torch.ones(sims.shape[:2], dtype=torch.bool, device=sims.device)
-    other_mask[torch.arange(sims.shape[0]), cls] = False
-    other = sims[other_mask].reshape(sims.shape[0], n - 1, sims.shape[2])
-    return own, other
+def _own_and_rest(sims: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Own-class similarities (P, K) and the sum over the other classes' prototypes (P,).
+
+    sims (P, N, K). The rest is the total minus the own class: no boolean indexing, so no host-device sync.
+    """
+    own = sims.gather(1, cls[:, None, None].expand(-1, 1, sims.shape[2]))[:, 0]     # (P, K)
+    rest = sims.sum(dim=(1, 2)) - own.sum(dim=1)                                       # (P,)
+    return own, rest
 
 
 def two_way_nce(pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
@@ -62,9 +62,9 @@ def fgs_loss(f_fg: torch.Tensor, protos: torch.Tensor, cls: torch.Tensor, tau: f
     """
     if protos.shape[0] < 2 or f_fg.shape[0] == 0:
         return f_fg.sum() * 0
-    own, other = _own_and_other(prototype_similarities(f_fg, protos), cls)
+    own, rest = _own_and_rest(prototype_similarities(f_fg, protos), cls)
     s_ff = own.sum(dim=1)                                             # (P,)
-    s_fb = other.sum(dim=(1, 2))                                      # (P,)
+    s_fb = rest                                                       # (P,) sum over m != j and k
     return two_way_nce(s_ff, s_fb, tau)
 
 
@@ -75,8 +75,9 @@ def bgs_loss(f_bg: torch.Tensor, protos: torch.Tensor, cls: torch.Tensor, tau: f
     """
     if protos.shape[0] < 2 or f_bg.shape[0] == 0:
         return f_bg.sum() * 0
-    own, other = _own_and_other(prototype_similarities(f_bg, protos), cls)
-    s_bb = other.mean(dim=(1, 2))
+    own, rest = _own_and_rest(prototype_similarities(f_bg, protos), cls)
+    n, k = protos.shape[0], protos.shape[1]
+    s_bb = rest / ((n - 1) * k)                                       # mean over m != j and k
     s_bf = own.mean(dim=1)
     return two_way_nce(s_bb, s_bf, tau)
 

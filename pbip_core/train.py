@@ -208,7 +208,9 @@ def train(
 
     on_gpu = "cuda" in device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu) else None
-    chunked = cfg.train.encoder_chunk > 0 and world == 1 and model.matcher is not None
+    # single process: FG/BG encoded and back-propagated chunk by chunk (exact; fewer FLOPs and less memory than one
+    # autograd graph, see benchmarks/README.md); DDP needs one forward and one backward per step
+    chunked = world == 1 and model.matcher is not None
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.time()
         ddp_model.train()
