@@ -472,11 +472,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder (DESIGN.md format)")
     p.add_argument("--masks", required=True, help="pseudo masks of the training images (`pbip pseudo --split train`)")
     p.add_argument("--out", required=True, help="run folder for checkpoints, predictions and metrics.json")
-    p.add_argument("--profile", default="demo", help="smoke | demo | paper (default: demo)")
-    p.add_argument("--config", default=None, help="YAML file of config keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set stage2.ms_flip=true")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    from .config_cli import add_config_arguments
+
+    add_config_arguments(p, resume=True)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -328,14 +328,12 @@ class _null:
 
 # ---------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .config_cli import add_config_arguments
+
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--bank", required=True, help="prototype bank (.pt from `pbip bank`, or the official pickle)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--profile", default="demo", help="smoke | demo | paper")
-    p.add_argument("--config", default=None, help="YAML file of config keys")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set method=cam --set train.lr=1e-5")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_config_arguments(p, resume=True)
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: train.device)")
 
 

@@ -98,3 +98,17 @@ def make_dataset(
 def tiny_dataset(tmp_path: Path) -> Path:
     """A valid 4-class dataset folder: 8 train (32x32), 3 val, 3 test."""
     return make_dataset(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def isolated_pbip_cache(tmp_path_factory):
+    """Converted weights go to a fresh PBIP_CACHE for the module: the conversion itself is under test."""
+    import os
+
+    old = os.environ.get("PBIP_CACHE")
+    os.environ["PBIP_CACHE"] = str(tmp_path_factory.mktemp("pbip_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PBIP_CACHE", None)
+    else:
+        os.environ["PBIP_CACHE"] = old

@@ -21,15 +21,7 @@ EXPECTED_CHANNELS = {   # C_1..C_4 of the published architectures
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    old = os.environ.get("PBIP_CACHE")
-    os.environ["PBIP_CACHE"] = str(tmp_path_factory.mktemp("pbip_cache"))
-    yield
-    if old is None:
-        os.environ.pop("PBIP_CACHE", None)
-    else:
-        os.environ["PBIP_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("isolated_pbip_cache")
 
 
 def _check_shapes(feats, channels, b, h, w, strides=(4, 8, 16, 32)):

@@ -26,16 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CRC_TILES = REPO.parent / "shared" / "fixtures" / "crc-val-he-7k-sample"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Converted weights go to a fresh cache: the conversion itself is under test."""
-    old = os.environ.get("PBIP_CACHE")
-    os.environ["PBIP_CACHE"] = str(tmp_path_factory.mktemp("pbip_cache"))
-    yield
-    if old is None:
-        os.environ.pop("PBIP_CACHE", None)
-    else:
-        os.environ["PBIP_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("isolated_pbip_cache")
 
 
 @pytest.fixture(scope="module")
