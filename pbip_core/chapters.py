@@ -465,8 +465,9 @@ DIFFERENCES: list[dict[str, Any]] = [
 def differences_table(measured: pd.DataFrame | None = None, metric: str = "stage1.test.miou",
                       baseline: str = "paper (this book)") -> pd.DataFrame:
     """The paper/official differences with the values of both sides read from the configs (profile ``paper``,
-    methods ``pbip`` and ``official``) and, where ``measured`` (the book-official results) has the variant, the
-    change of ``metric`` against ``baseline`` in percentage points."""
+    methods ``pbip`` and ``official``: the paper as this book reads it, and the official code's preset) and, where
+    ``measured`` (the book-official results) has the variant, ``metric`` and its change against ``baseline`` in
+    percentage points."""
     from .config import get_key, make_config
 
     paper, official = make_config("paper"), make_config("paper", {"method": "official"})
@@ -476,7 +477,7 @@ def differences_table(measured: pd.DataFrame | None = None, metric: str = "stage
         fmt = lambda cfg: "; ".join(f"{k.split('.')[-1]}={_short(get_key(cfg, k))}" for k in d["keys"])  # noqa: E731
         v = d["variant"]
         ours = _mean_of(measured, v, metric) if (measured is not None and v) else np.nan
-        rows.append({"difference": d["difference"], "paper": fmt(paper),
+        rows.append({"difference": d["difference"], "paper (profile paper)": fmt(paper),
                      "official code": d.get("official") or fmt(official),
                      "config switch": ", ".join(d["keys"]), "measured as": v or "not measurable here",
                      "mIoU (%)": 100 * ours, "Δ vs paper (pp)": 100 * (ours - base)})

@@ -169,10 +169,10 @@ def test_delta_and_differences_tables():
     assert math.isnan(d.loc["paper (this book)", "stage-1 training (s)"])
     diff = C.differences_table(df)
     tau = diff.loc["temperature of eq. 9, 11"]
-    assert tau["paper"] == "tau=1" and tau["official code"] == "tau=0.07" and tau["config switch"] == "loss.tau"
+    assert tau["paper (profile paper)"] == "tau=1" and tau["official code"] == "tau=0.07" and tau["config switch"] == "loss.tau"
     assert tau["Δ vs paper (pp)"] == pytest.approx(-7.0)
     thr = diff.loc["mask threshold (eq. 4)"]
-    assert thr["paper"] == "delta=0.15; threshold_scope=class" and thr["official code"] == "delta=0.5; threshold_scope=global"
+    assert thr["paper (profile paper)"] == "delta=0.15; threshold_scope=class" and thr["official code"] == "delta=0.5; threshold_scope=global"
     assert math.isnan(diff.loc["backbone levels", "mIoU (%)"])                     # not in the measured frame
     assert diff.loc["prototype encoder", "measured as"] == "not measurable here"
     variants = set(C.read_book_grid("book-official")["variants"])
