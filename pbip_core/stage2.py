@@ -376,7 +376,7 @@ def train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
 
-    model = DeepLabV2(info.n_classes, s2.backbone, pretrained=s2.pretrained).to(device)
+    model = DeepLabV2(info.n_classes, s2.backbone, pretrained=s2.pretrained, output_stride=s2.output_stride).to(device)
     optimizer = torch.optim.SGD(model.param_groups(s2.lr, s2.weight_decay), lr=s2.lr, momentum=s2.momentum)
     if distributed:
         sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank,

@@ -168,9 +168,9 @@ def train(
     state = None
     if resume and last.is_file():
         saved = load_config(out / "config.yaml")
-        if saved.hash() != cfg.hash():
+        if saved.stage1_hash() != cfg.stage1_hash():
             raise PBIPError(f"{out}: --resume with a different configuration than the saved config.yaml "
-                            f"(saved {saved.hash()}, now {cfg.hash()}); use a new --out folder")
+                            f"(saved {saved.stage1_hash()}, now {cfg.stage1_hash()}); use a new --out folder")
         state = torch.load(last, map_location="cpu", weights_only=False)
     elif (out / "metrics.json").is_file() and not resume:
         raise PBIPError(f"{out}: already holds a finished run; pass --resume to continue or use a new --out folder")
@@ -256,7 +256,7 @@ def train(
             atomic_torch_save({
                 "classnet": model.classnet.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
-                "best": best, "rng": _rng_state(), "config_hash": cfg.hash(),
+                "best": best, "rng": _rng_state(), "config_hash": cfg.stage1_hash(),
             }, last)
             atomic_write_json(out / "history.json", history)
         if world > 1:
@@ -265,7 +265,7 @@ def train(
             return {"interrupted_after_epoch": epoch + 1}
 
     metrics = {"best_epoch": best["epoch"], "best_val_miou": best["miou"], "val": best.get("val"),
-               "epochs": cfg.train.epochs, "steps": step, "config_hash": cfg.hash(), "method": cfg.method,
+               "epochs": cfg.train.epochs, "steps": step, "config_hash": cfg.stage1_hash(), "method": cfg.method,
                "seconds": sum(e["seconds"] for e in history["epochs"])}
     if rank == 0:
         if best["epoch"] < 0:                       # no validation: the last model is the one to use
