@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage2": ("pbip_core.stage2", "stage 2: DeepLab-v2 trained on pseudo masks"),
     "evaluate": ("pbip_core.metrics", "score prediction PNGs: mIoU, FwIoU, bIoU, Dice"),
     "run": ("pbip_core.experiments", "run a grid of experiments (resumable) into a results table"),
+    "report": ("pbip_core.report", "mean +- std over seeds and t-tests from results tables"),
     "figure": ("pbip_core.viz", "write a figure (e.g. the README's synthetic-tissue grid)"),
     "book": ("pbip_core.book", "execute the book's chapters with papermill and build the HTML"),
 }

@@ -256,3 +256,52 @@ def _md_escape(s: str) -> str:
 def paper_csv_path() -> Path:
     """Where the typed-in paper numbers live (for readers who want to check them)."""
     return Path(str(resources.files("pbip_core") / "paper_results" / "paper_tables.csv"))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+DEFAULT_REPORT_METRICS = ("stage1.test.miou", "stage1.test.fwiou", "stage1.test.biou", "stage1.test.dice",
+                          "stage2.test.miou", "stage2.test.fwiou", "stage2.test.biou", "stage2.test.dice")
+
+
+def summary_markdown(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str]) -> str:
+    """mean +- std (in %) of each metric per group, as a markdown table (rows: groups; columns: metrics)."""
+    metrics = [m for m in metrics if m in df.columns]
+    s = summarize(df, by, metrics)
+    out = pd.DataFrame({b: s[b] for b in by})
+    for m in metrics:
+        out[m] = [_fmt(100 * mu, 100 * sd if sd == sd else None) for mu, sd in zip(s[f"{m}.mean"], s[f"{m}.std"])]
+    out["seeds"] = s["n"]
+    return to_markdown(out, index=False)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("results", nargs="+", help="results tables written by `pbip run` (results/<grid>.csv)")
+    p.add_argument("--by", default="method,variant", help="columns that define a group (default: method,variant)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_REPORT_METRICS), help="comma-separated metric columns")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                   help="t-test of method A against method B on every metric")
+    p.add_argument("--paired", action="store_true", help="paired t-test by seed instead of Welch's")
+
+
+def main(args) -> int:
+    from .errors import DataError
+
+    frames = []
+    for path in args.results:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: results table not found (run `pbip run GRID.yaml` first)")
+        frames.append(pd.read_csv(path))
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["status"] == "ok"] if "status" in df.columns else df
+    by = [c for c in args.by.split(",") if c]
+    metrics = [m for m in args.metrics.split(",") if m]
+    print(summary_markdown(df, by, metrics))
+    if args.compare:
+        a, b = args.compare
+        for m in metrics:
+            if m not in df.columns:
+                continue
+            r = compare(df, a, b, m, paired=args.paired)
+            print(f"{m}: {a} {100 * r['mean_a']:.2f} vs {b} {100 * r['mean_b']:.2f} "
+                  f"(n={r['n_a']}/{r['n_b']}), {r['test']}: t={r['t']:.3f}, p={r['p']:.4g}")
+    return 0

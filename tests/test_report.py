@@ -200,3 +200,19 @@ def test_to_markdown_has_caption_header_and_rows():
     assert lines[3].startswith("|---|")
     assert any(line.startswith("| PBIP (Ours) | 69.54±0.60 | 71.00±1.00 | +1.46 | 3 |") for line in lines)
     assert len(lines) == 6  # caption, blank, header, rule, 2 rows
+
+
+def test_report_command_prints_mean_std_and_ttest(tmp_path, capsys):
+    from pbip_core.cli import main as cli
+
+    rows = [{"method": m, "variant": "default", "seed": s, "status": "ok", "stage1.test.miou": v}
+            for m, vals in (("pbip", (0.80, 0.82, 0.84)), ("cam", (0.70, 0.71, 0.72))) for s, v in enumerate(vals)]
+    rows.append({"method": "cam", "variant": "default", "seed": 9, "status": "failed", "stage1.test.miou": 0.0})
+    path = tmp_path / "r.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert cli(["report", str(path), "--metrics", "stage1.test.miou", "--compare", "pbip", "cam"]) == 0
+    out = capsys.readouterr().out
+    # pbip: mean 82.00, sample std 2.00; cam: 71.00 +- 1.00 (the failed run is left out)
+    assert "82.00" in out and "2.00" in out and "71.00" in out and "1.00" in out
+    assert "Welch t-test" in out and "n=3/3" in out
+    assert cli(["report", str(tmp_path / "missing.csv")]) == 2
