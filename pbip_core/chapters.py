@@ -175,14 +175,18 @@ def trims(grid: Any) -> dict[str, Any]:
 
 
 def provenance(ch: Any, grid: Any, what: str = "") -> str:
-    """One sentence: profile, dataset, encoder, backbone, seeds, trims and what is scored."""
+    """One sentence: profile, dataset, encoder, backbone, epochs (and stage 2), seeds, trims and what is scored."""
     from .config import make_config
 
     cfg = make_config(grid.profile, {**grid.overrides})
     dataset = Path(ch.dataset).name + (" (synthetic stand-in for BCSS-WSSS)" if ch.synthetic else "")
     trim = ", ".join(f"{k}={v}" for k, v in trims(grid).items()) or "none"
+    s2 = cfg.stage2
+    stage2 = (f", stage 2: DeepLab-v2 on {s2.backbone} ({'pretrained' if s2.pretrained else 'random init'}), "
+              f"{s2.epochs} epochs" if grid.stage2 else "")
     return (f"profile {grid.profile}, dataset {dataset}, encoder {cfg.bank.encoder}, backbone {cfg.model.backbone}"
-            f", seeds {list(grid.seeds)}, book-grid trims: {trim}" + (f"; {what}" if what else ""))
+            f", {cfg.train.epochs} epochs{stage2}, seeds {list(grid.seeds)}, book-grid trims: {trim}"
+            + (f"; {what}" if what else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- tables

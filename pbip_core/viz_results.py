@@ -117,6 +117,9 @@ def plot_bank_ablation(points: pd.DataFrame, metric: str = "stage1.test.miou"):
     allv = points.loc[points["all_images"], metric]
     if len(allv):
         ax.axhline(100 * float(allv.mean()), ls=":", color="k", label="random sub-banks of all images")
+    nks = sorted(set(points.loc[~points["all_images"], "nk"].tolist()))
+    if nks:
+        ax.set_xticks(nks, [str(int(n)) for n in nks])
     ax.set_xlabel(r"$N_K$ (images per sub-bank)")
     ax.set_ylabel("mIoU of the pseudo masks (%)")
     ax.grid(alpha=0.3)
