@@ -73,7 +73,8 @@ class ModelConfig:
     learn_logit_scale: bool = False
     normalize_prototypes: bool = True # official code leaves projected prototypes unnormalised
     fgbg: str = "exact"               # "exact": encode X_FG and X_BG (paper); "pooled": approximate (issue 6)
-    fg_mask_source: str = "paper"     # "paper": b*M*X with M = sigmoid-free normalised cams; "official": min-max raw logits
+    fg_mask_source: str = "paper"     # RECORDED ONLY, not a switch yet: both values build X_FG/X_BG from the min-max
+                                      # normalised M' (eq. 3-5); kept so saved run configs stay readable
 
 
 @dataclass
