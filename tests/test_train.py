@@ -165,3 +165,44 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4), k
+
+
+def test_a_new_three_class_folder_runs_through_the_same_commands(setup, tmp_path):
+    """Any dataset folder with a dataset.yaml: here 3 classes (NEC merged into background), no code change."""
+    import re
+    import shutil
+
+    from pbip_core.io import read_mask, read_rgb, save_png
+
+    _, data, _ = setup
+    new = tmp_path / "three"
+    (new / "train").mkdir(parents=True)
+    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    for p in sorted((data / "train").glob("*.png")):
+        lab = re.search(r"\[([01 ]+)\]", p.name).group(1).replace(" ", "")
+        if lab[:3] == "000":
+            continue
+        shutil.copy(p, new / "train" / re.sub(r"\[[01 ]+\]", "[" + " ".join(lab[:3]) + "]", p.name))
+    for split in ("val", "test"):
+        (new / split / "img").mkdir(parents=True)
+        for m in sorted((data / split / "mask").glob("*.png")):
+            mask = read_mask(m)
+            mask = np.where(mask >= 3, 3, mask).astype(np.uint8)     # NEC and glass -> background 3
+            if (mask < 3).sum() == 0:
+                continue
+            save_png(mask, new / split / "mask" / m.name, palette)
+            save_png(read_rgb(data / split / "img" / m.name), new / split / "img" / m.name)
+    (new / "dataset.yaml").write_text("name: three\nclasses: [TUM, STR, LYM]\nbackground_index: 3\n"
+                                      "palette: [[255,0,0],[0,255,0],[0,0,255],[255,255,255]]\n")
+    assert cli(["data", "check", str(new)]) == 0
+    bank = tmp_path / "bank3.pt"
+    assert cli(["bank", "--data", str(new), "--out", str(bank), "--profile", "smoke",
+                "--cache", str(tmp_path / "cache")]) == 0
+    run = tmp_path / "run3"
+    assert cli(["train", "--data", str(new), "--bank", str(bank), "--out", str(run), "--profile", "smoke"]) == 0
+    assert cli(["pseudo", "--run", str(run), "--data", str(new), "--split", "test", "--out", str(tmp_path / "m3")]) == 0
+    out = tmp_path / "m3.json"
+    assert cli(["evaluate", "--pred", str(tmp_path / "m3"), "--data", str(new), "--split", "test",
+                "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["per_class_iou"]) == {"TUM", "STR", "LYM"}
