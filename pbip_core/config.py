@@ -273,16 +273,18 @@ def load_config(path: str | Path) -> Config:
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, not_a_mapping: str = "expected a mapping of config keys at the top level",
+              what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError naming the file when it is missing, invalid or not a mapping."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: {what} not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{p}: {not_a_mapping}")
     return data
 
 

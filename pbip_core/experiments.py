@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from .config import Config, make_config
+from .config import Config, load_yaml, make_config
 from .errors import ConfigError, PBIPError
 from .io import atomic_path
 
@@ -101,12 +101,7 @@ def load_grid(path_or_dict: str | Path | Mapping[str, Any]) -> Grid:
         if not p.is_file():
             known = ", ".join(sorted(q.stem for q in GRIDS_DIR.glob("*.yaml")))
             raise ConfigError(f"{p}: grid file not found (built-in grids: {known})")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: a grid is a mapping with keys name, profile, datasets, methods, ...")
+        data = load_yaml(p, "a grid is a mapping with keys name, profile, datasets, methods, ...", "grid file")
         data.setdefault("name", p.stem)
         source = str(p)
     known_keys = {f.name for f in dataclasses.fields(Grid)} - {"source"}
