@@ -54,13 +54,38 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | str, metrics: Sequence[str] 
     return pd.DataFrame(rows)
 
 
+def parse_selector(text: str) -> dict[str, str]:
+    """A command-line group selector: ``pbip`` (method), ``pbip:pooled`` (method and variant) or
+    ``col=value[,col=value...]`` (any result columns, e.g. ``method=pbip,model.fgbg=pooled``)."""
+    text = text.strip()
+    if "=" in text:
+        pairs = [part.split("=", 1) for part in text.split(",") if part]
+        if any(len(kv) != 2 or not kv[0] for kv in pairs):
+            raise ValueError(f"bad selector {text!r}: use METHOD, METHOD:VARIANT or col=value[,col=value]")
+        return {k.strip(): v.strip() for k, v in pairs}
+    method, _, variant = text.partition(":")
+    return {"method": method, "variant": variant} if variant else {"method": method}
+
+
+def selector_text(sel: str | Mapping[str, Any]) -> str:
+    """The inverse of :func:`parse_selector` (for messages): ``pbip``, ``pbip:pooled`` or ``col=value,...``."""
+    if not isinstance(sel, Mapping):
+        return str(sel)
+    if set(sel) <= {"method", "variant"} and "method" in sel:
+        return f"{sel['method']}:{sel['variant']}" if "variant" in sel else str(sel["method"])
+    return ",".join(f"{k}={v}" for k, v in sel.items())
+
+
 def _select(df: pd.DataFrame, sel: str | Mapping[str, Any], by: str) -> pd.DataFrame:
-    if isinstance(sel, Mapping):
-        mask = np.ones(len(df), dtype=bool)
-        for col, val in sel.items():
-            mask &= (df[col] == val).to_numpy()
-        return df[mask]
-    return df[df[by] == sel]
+    if not isinstance(sel, Mapping):
+        sel = {by: sel}
+    mask = np.ones(len(df), dtype=bool)
+    for col, val in sel.items():
+        if col not in df.columns:
+            raise KeyError(f"selector column {col!r} is not in the results (columns: {', '.join(map(str, df.columns[:12]))}, ...)")
+        # CSV columns may hold numbers or booleans while a selector from the command line is text
+        mask &= (df[col].astype(str) == str(val)).to_numpy() | (df[col] == val).to_numpy()
+    return df[mask]
 
 
 def compare(df: pd.DataFrame, a: str | Mapping[str, Any], b: str | Mapping[str, Any], metric: str,
@@ -74,6 +99,10 @@ def compare(df: pd.DataFrame, a: str | Mapping[str, Any], b: str | Mapping[str, 
     from scipy import stats
 
     ga, gb = _select(df, a, by), _select(df, b, by)
+    for sel, g in ((a, ga), (b, gb)):
+        if len(g) == 0:
+            groups = sorted({f"{m}:{v}" for m, v in zip(df.get("method", []), df.get("variant", []))})
+            raise ValueError(f"no runs match {selector_text(sel)!r}; groups in these results (method:variant): {', '.join(groups)}")
     if paired:
         m = pd.merge(ga[[seed_col, metric]], gb[[seed_col, metric]], on=seed_col, suffixes=("_a", "_b")).dropna()
         xa, xb = m[f"{metric}_a"].to_numpy(float), m[f"{metric}_b"].to_numpy(float)
@@ -279,7 +308,8 @@ def add_arguments(p) -> None:
     p.add_argument("--by", default="method,variant", help="columns that define a group (default: method,variant)")
     p.add_argument("--metrics", default=",".join(DEFAULT_REPORT_METRICS), help="comma-separated metric columns")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                   help="t-test of method A against method B on every metric")
+                   help="t-test of group A against group B on every metric; a group is METHOD, METHOD:VARIANT "
+                        "(e.g. pbip:pooled) or col=value[,col=value]")
     p.add_argument("--paired", action="store_true", help="paired t-test by seed instead of Welch's")
 
 
@@ -298,10 +328,19 @@ def main(args) -> int:
     print(summary_markdown(df, by, metrics))
     if args.compare:
         a, b = args.compare
+        try:
+            sel_a, sel_b = parse_selector(a), parse_selector(b)
+            for sel in (sel_a, sel_b):
+                _select(df, sel, "method")                   # unknown columns fail before any output
+        except (KeyError, ValueError) as err:
+            raise DataError(f"--compare: {err.args[0]}") from None
         for m in metrics:
             if m not in df.columns:
                 continue
-            r = compare(df, a, b, m, paired=args.paired)
-            print(f"{m}: {a} {100 * r['mean_a']:.2f} vs {b} {100 * r['mean_b']:.2f} "
-                  f"(n={r['n_a']}/{r['n_b']}), {r['test']}: t={r['t']:.3f}, p={r['p']:.4g}")
+            try:
+                r = compare(df, sel_a, sel_b, m, paired=args.paired)
+            except ValueError as err:
+                raise DataError(f"--compare: {err}") from None
+            print(f"{m}: {selector_text(sel_a)} {100 * r['mean_a']:.2f} vs "
+                  f"{selector_text(sel_b)} {100 * r['mean_b']:.2f} (n={r['n_a']}/{r['n_b']}), {r['test']}: t={r['t']:.3f}, p={r['p']:.4g}")
     return 0

@@ -216,3 +216,29 @@ def test_report_command_prints_mean_std_and_ttest(tmp_path, capsys):
     assert "82.00" in out and "2.00" in out and "71.00" in out and "1.00" in out
     assert "Welch t-test" in out and "n=3/3" in out
     assert cli(["report", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_report_compare_selects_method_and_variant(tmp_path, capsys):
+    """`--compare pbip:pooled pbip` tells apart two groups that share the method name."""
+    from pbip_core.cli import main as cli
+
+    rows = [{"method": "pbip", "variant": v, "seed": s, "status": "ok", "model.fgbg": v2, "stage1.test.miou": x}
+            for v, v2, vals in (("default", "exact", (0.80, 0.82, 0.84)), ("pooled", "pooled", (0.60, 0.61, 0.62)))
+            for s, x in enumerate(vals)]
+    path = tmp_path / "r.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    assert report.parse_selector("pbip:pooled") == {"method": "pbip", "variant": "pooled"}
+    assert report.parse_selector("pbip") == {"method": "pbip"}
+    assert report.parse_selector("method=pbip,model.fgbg=exact") == {"method": "pbip", "model.fgbg": "exact"}
+    assert cli(["report", str(path), "--metrics", "stage1.test.miou", "--compare", "pbip:default", "pbip:pooled"]) == 0
+    out = capsys.readouterr().out
+    assert "pbip:default 82.00 vs pbip:pooled 61.00 (n=3/3)" in out
+    assert cli(["report", str(path), "--metrics", "stage1.test.miou",
+                "--compare", "model.fgbg=exact", "model.fgbg=pooled"]) == 0
+    assert "n=3/3" in capsys.readouterr().out
+    # an empty group or an unknown column: exit 2 with the groups that do exist
+    assert cli(["report", str(path), "--compare", "pbip:nope", "pbip"]) == 2
+    err = capsys.readouterr().err
+    assert "pbip:nope" in err and "pbip:default" in err and "pbip:pooled" in err
+    assert cli(["report", str(path), "--compare", "nocol=1", "pbip"]) == 2
+    assert "nocol" in capsys.readouterr().err
