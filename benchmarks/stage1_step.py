@@ -49,7 +49,7 @@ import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
 from pbip_core.config import Config, make_config  # noqa: E402
 from pbip_core.losses import LossTerms, total_loss  # noqa: E402
-from pbip_core.model import PBIP, build_model, separate  # noqa: E402
+from pbip_core.model import PBIP, build_model, positive_pairs, separate  # noqa: E402
 
 MODES = ("reference", "exact", "exact_plain", "pooled")
 DEFAULT_MODES = ("reference", "exact", "pooled")
@@ -67,6 +67,7 @@ class Setup:
     y: torch.Tensor                     # (B, N) 0/1, ``positives`` ones per row
     opt: torch.optim.Optimizer
     device: str
+    pairs: torch.Tensor | None = None   # (P, 2) positive (image, class) pairs, computed from the CPU labels
     amp: bool = False
     text_tower: torch.nn.Module | None = None
 
@@ -108,12 +109,13 @@ def build_setup(encoder: str | torch.nn.Module = "medclip", backbone: str | torc
     model = build_model(cfg, protos, enc, bb).to(device)
     model.train()
     x, y = make_batch(batch, size, n_classes, positives, seed)
-    x, y = x.to(device), y.to(device)
+    pairs = positive_pairs(y)                           # before the transfer, as pbip_core.train does: no sync
+    x, y, pairs = x.to(device), y.to(device), pairs.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    return Setup(cfg, model, x, y, opt, device, amp)
+    return Setup(cfg, model, x, y, opt, device, pairs, amp)
 
 
 def _autocast(s: Setup) -> Any:
@@ -151,7 +153,7 @@ def exact_step(s: Setup) -> LossTerms:
     with _autocast(s):
         out = m.classnet(s.x)
         _, terms = m.matcher.forward_backward(s.x, out.maps, s.y, m.classnet.mlps,
-                                              lambda fg, bg, pairs: _loss(s, out, fg, bg, pairs))
+                                              lambda fg, bg, pairs: _loss(s, out, fg, bg, pairs), s.pairs)
     s.opt.step()
     return terms
 
@@ -160,7 +162,7 @@ def plain_step(s: Setup) -> LossTerms:
     """The loop of pbip_core.train as written: forward, total_loss, backward (frozen encoder, encode_chunked)."""
     s.opt.zero_grad(set_to_none=True)
     with _autocast(s):
-        out, match = s.model(s.x, s.y)
+        out, match = s.model(s.x, s.y, s.pairs)
         terms = _loss(s, out, match.fg, match.bg, match.pairs)
     terms.total.backward()
     s.opt.step()

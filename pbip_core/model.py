@@ -149,7 +149,11 @@ def adaptive_threshold(m: torch.Tensor, delta: float, scope: str = "class") -> t
 
 
 def positive_pairs(labels: torch.Tensor) -> torch.Tensor:
-    """(image, class) pairs of the positive labels.  labels (B, N) 0/1 -> (P, 2) long [image index, class index]."""
+    """(image, class) pairs of the positive labels.  labels (B, N) 0/1 -> (P, 2) long [image index, class index].
+
+    P depends on the data, so on a GPU this is a host-device sync; a training loop computes the pairs from the CPU
+    labels before the transfer and passes them in (``pairs=``), which keeps the step free of syncs.
+    """
     return torch.nonzero(labels > 0.5, as_tuple=False)
 
 
@@ -226,17 +230,21 @@ class ImgMatchNet(nn.Module):
         self.encoder.eval()                                          # frozen BN statistics
         return self
 
-    def masks(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor
+    def masks(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
+              pairs: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Eq. 3-5 weights: M (B, N, H, W), b (or None), FG and BG weights (B, N, H, W), pairs (P, 2)."""
+        """Eq. 3-5 weights: M (B, N, H, W), b (or None), FG and BG weights (B, N, H, W), pairs (P, 2).
+
+        ``pairs``: :func:`positive_pairs` of ``labels`` when already known (computed on the CPU: no device sync).
+        """
         m = minmax(aggregate(maps, x.shape[-2:], self.level_weights))   # eq. 3, then to [0, 1]
         b = adaptive_threshold(m, self.delta, self.scope) if self.at else None    # eq. 4
         fg_w, bg_w = fg_bg_masks(m, b)                               # eq. 5 weights
-        return m, b, fg_w, bg_w, positive_pairs(labels)
+        return m, b, fg_w, bg_w, (positive_pairs(labels) if pairs is None else pairs)
 
     def forward(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
-                mlps: Sequence[nn.Module]) -> MatchOutput:
-        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels)
+                mlps: Sequence[nn.Module], pairs: torch.Tensor | None = None) -> MatchOutput:
+        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels, pairs)
         if pairs.shape[0] == 0:
             return MatchOutput(pairs, [], [], m, b)
         if self.fgbg == "pooled":                                    # approximation: encode X once, pool under masks
@@ -253,7 +261,8 @@ class ImgMatchNet(nn.Module):
         return MatchOutput(pairs, fg, bg, m, b)
 
     def forward_backward(self, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
-                         mlps: Sequence[nn.Module], loss_fn: Callable[..., Any]) -> tuple[MatchOutput, Any]:
+                         mlps: Sequence[nn.Module], loss_fn: Callable[..., Any],
+                         pairs: torch.Tensor | None = None) -> tuple[MatchOutput, Any]:
         """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact, no recomputation).
 
         ``loss_fn(fg, bg, pairs)`` gets per-level features (p, C_i) of p pairs and their (p, 2) indices and returns the
@@ -267,13 +276,14 @@ class ImgMatchNet(nn.Module):
         collected gradients, so the upstream graph (masks -> backbone, prototypes and features -> MLPs) is traversed
         once and every parameter's ``.grad`` is accumulated once, as by ``loss.backward()`` after :meth:`forward`.
 
-        x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N). Returns the match output (features detached) and
+        x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N); ``pairs`` (P, 2) as in :meth:`masks`. Returns the
+        match output (features detached) and
         ``loss_fn``'s result on all pairs (its tensors detached). Gradients are accumulated into ``.grad``.
         """
-        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels)
+        m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels, pairs)
         n_pairs = pairs.shape[0]
         if n_pairs == 0 or self.fgbg == "pooled":                    # nothing to chunk: one forward, one backward
-            match = self.forward(x, maps, labels, mlps)
+            match = self.forward(x, maps, labels, mlps, pairs)
             terms = loss_fn(match.fg, match.bg, match.pairs)
             with _no_autocast(x):
                 _loss_total(terms).backward()
@@ -337,11 +347,12 @@ class PBIP(nn.Module):
         self.classnet = classnet
         self.matcher = matcher
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[ClassNetOutput, MatchOutput | None]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, pairs: torch.Tensor | None = None
+                ) -> tuple[ClassNetOutput, MatchOutput | None]:
         out = self.classnet(x)
         match = None
         if self.matcher is not None and labels is not None:
-            match = self.matcher(x, out.maps, labels, self.classnet.mlps)
+            match = self.matcher(x, out.maps, labels, self.classnet.mlps, pairs)
         return out, match
 
     def trainable_parameters(self) -> list[nn.Parameter]:

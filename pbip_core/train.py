@@ -29,6 +29,7 @@ from .config import Config, load_config, make_config
 from .errors import DataError, PBIPError, TrainingError
 from .io import atomic_torch_save, atomic_write_json
 from .losses import TERM_NAMES
+from .model import positive_pairs
 
 
 # ---------------------------------------------------------------------- helpers
@@ -227,12 +228,16 @@ def train(
             x, y = batch["image"], batch["label"].float()
             if cfg.data.augment:
                 x = augment_batch(x, gen)
+            pairs = positive_pairs(y)                               # on the CPU labels: no device sync in the step
+            if on_gpu:
+                pairs = pairs.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            pairs = pairs.to(device, non_blocking=True)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             opt.zero_grad(set_to_none=True)
             with autocast if autocast is not None else _null():
-                terms = _loss_and_backward(model, ddp_model, x, y, cfg, chunked)
+                terms = _loss_and_backward(model, ddp_model, x, y, pairs, cfg, chunked)
             step += 1
             pending.append((step, sched.get_last_lr()[0], terms.stacked()))
             # CPU: check every step (free). GPU: every log_every steps, so the step has no host-device sync.
@@ -274,7 +279,8 @@ def train(
     return metrics
 
 
-def _loss_and_backward(model: Any, ddp_model: Any, x: torch.Tensor, y: torch.Tensor, cfg: Config, chunked: bool):
+def _loss_and_backward(model: Any, ddp_model: Any, x: torch.Tensor, y: torch.Tensor, pairs: torch.Tensor,
+                       cfg: Config, chunked: bool):
     """One step's loss (eq. 6) and its backward. ``chunked``: FG/BG encoded and back-propagated chunk by chunk under
     the ``train.encoder_chunk`` memory cap (exact; see ImgMatchNet.forward_backward)."""
     from .losses import total_loss
@@ -285,9 +291,9 @@ def _loss_and_backward(model: Any, ddp_model: Any, x: torch.Tensor, y: torch.Ten
         def loss_fn(fg, bg, pairs):
             return total_loss(out_c.logits.float(), y, fg, bg, out_c.protos, pairs, cfg.loss, last_map=out_c.maps[-1])
 
-        _, terms = model.matcher.forward_backward(x, out_c.maps, y, model.classnet.mlps, loss_fn)
+        _, terms = model.matcher.forward_backward(x, out_c.maps, y, model.classnet.mlps, loss_fn, pairs)
         return terms
-    out_c, match = ddp_model(x, y)
+    out_c, match = ddp_model(x, y, pairs)
     terms = total_loss(
         out_c.logits.float(), y,
         match.fg if match is not None else [], match.bg if match is not None else [],

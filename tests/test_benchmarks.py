@@ -110,6 +110,49 @@ def test_forward_backward_pooled_and_no_pairs(tiny):
     _assert_same(g0, g1)
 
 
+class _SyncOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that need a host-device sync on a GPU (data-dependent shapes or values read on the host).
+
+    Running on the CPU, this shows which ops a step would sync on, without a GPU."""
+
+    SYNC = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "unique", "_unique2", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.SYNC:
+            self.seen.append(name)
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                   for i in (args[1] if len(args) > 1 else []) if i is not None):
+            self.seen.append("index[bool]")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_step_has_no_sync_ops_when_pairs_are_given(tiny, chunk):
+    """With the pairs computed from the CPU labels beforehand (as pbip_core.train does), the stage-1 step (forward,
+    loss, chunked backward) runs no op that would make the host wait for a GPU; without them it runs nonzero."""
+    from pbip_core.model import positive_pairs
+    from pbip_core.train import _loss_and_backward
+    from pbip_core.config import make_config
+
+    net, x, y = tiny
+    cfg = make_config("smoke", {"train.encoder_chunk": chunk})
+    pairs = positive_pairs(y)
+    for chunked in (True, False):
+        model = PBIP(copy.deepcopy(net), ImgMatchNet(TinyEncoder(), encoder_chunk=chunk))
+        with _SyncOps() as mode:
+            _loss_and_backward(model, model, x, y, pairs, cfg, chunked)
+        assert mode.seen == [], (chunked, mode.seen)
+    model = PBIP(copy.deepcopy(net), ImgMatchNet(TinyEncoder(), encoder_chunk=chunk))
+    with _SyncOps() as mode:                                              # the detector does see a sync
+        model(x, y)
+    assert "nonzero" in mode.seen
+
+
 def test_encode_chunked_checkpointed_equals_one_call():
     torch.manual_seed(0)
     enc = TinyEncoder()

@@ -146,6 +146,7 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
     (Compared on one step: over several AdamW steps float round-off in near-zero gradients is amplified to the
     learning-rate scale, so whole trajectories are not a fair comparison.)"""
     from pbip_core.data import TrainDataset
+    from pbip_core.model import positive_pairs
     from pbip_core.train import _loss_and_backward, prepare
 
     _, data, bank = setup
@@ -158,7 +159,7 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
         x = torch.stack([ds[i]["image"] for i in range(8)])
         y = torch.stack([ds[i]["label"] for i in range(8)])
         assert y.sum() > 8                                   # several pairs, so chunks of 2 pairs really split them
-        terms = _loss_and_backward(model, model, x, y, cfg, chunked=chunk > 0)
+        terms = _loss_and_backward(model, model, x, y, positive_pairs(y), cfg, chunked=chunk > 0)
         totals.append(terms.total.item())
         grads.append({n: p.grad.clone() for n, p in model.classnet.named_parameters() if p.grad is not None})
     assert totals[0] == pytest.approx(totals[1], rel=1e-5)
