@@ -155,8 +155,9 @@ def plan(grid: Grid, quiet: bool = False) -> list[RunSpec]:
             first = by_hash[h]
             first.aliases.append(f"{method}/{vname}")
             if not quiet:
-                print(f"pbip run: {method}/{vname} seed={seed} on {dataset} has the same configuration as "
-                      f"{first.method}/{first.variant} ({h}); it is run once", file=sys.stderr)
+                # information, not a problem: stdout, so notebooks show no stderr block for it
+                print(f"pbip run: note: {method}/{vname} seed={seed} on {dataset} has the same configuration as "
+                      f"{first.method}/{first.variant} ({h}); it is run once")
             continue
         spec = RunSpec(grid=grid.name, dataset=dataset, method=method, variant=vname, seed=int(seed),
                        overrides=overrides, cfg=cfg, hash=h, stage2=grid.stage2, splits=list(grid.splits))

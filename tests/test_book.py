@@ -179,8 +179,11 @@ def test_vendor_helpers(tmp_path):
 # Executing chapters (papermill, smoke profile)
 # ---------------------------------------------------------------------------------------------------------------
 def _no_errors(nb):
+    """No error output: no error cell, and no stderr stream (warnings, tracebacks, log noise) in the page either."""
     errors = [o for o in outputs(nb) if o.get("output_type") == "error"]
     assert not errors, f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else ""
+    stderr = [o["text"] for o in outputs(nb) if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not stderr, f"stderr output in the chapter: {stderr[0][:500]}"
 
 
 def _check_01(nb):
