@@ -277,8 +277,8 @@ class ImgMatchNet(nn.Module):
         once and every parameter's ``.grad`` is accumulated once, as by ``loss.backward()`` after :meth:`forward`.
 
         x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N); ``pairs`` (P, 2) as in :meth:`masks`. Returns the
-        match output (features detached) and
-        ``loss_fn``'s result on all pairs (its tensors detached). Gradients are accumulated into ``.grad``.
+        match output (features detached) and ``loss_fn``'s result on all pairs (its tensors detached). Gradients are
+        accumulated into ``.grad``.
         """
         m, b, fg_w, bg_w, pairs = self.masks(x, maps, labels, pairs)
         n_pairs = pairs.shape[0]

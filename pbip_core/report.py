@@ -82,7 +82,8 @@ def _select(df: pd.DataFrame, sel: str | Mapping[str, Any], by: str) -> pd.DataF
     mask = np.ones(len(df), dtype=bool)
     for col, val in sel.items():
         if col not in df.columns:
-            raise KeyError(f"selector column {col!r} is not in the results (columns: {', '.join(map(str, df.columns[:12]))}, ...)")
+            shown = ", ".join(map(str, df.columns[:12]))
+            raise KeyError(f"selector column {col!r} is not in the results (columns: {shown}, ...)")
         # CSV columns may hold numbers or booleans while a selector from the command line is text
         mask &= (df[col].astype(str) == str(val)).to_numpy() | (df[col] == val).to_numpy()
     return df[mask]
@@ -101,8 +102,8 @@ def compare(df: pd.DataFrame, a: str | Mapping[str, Any], b: str | Mapping[str, 
     ga, gb = _select(df, a, by), _select(df, b, by)
     for sel, g in ((a, ga), (b, gb)):
         if len(g) == 0:
-            groups = sorted({f"{m}:{v}" for m, v in zip(df.get("method", []), df.get("variant", []))})
-            raise ValueError(f"no runs match {selector_text(sel)!r}; groups in these results (method:variant): {', '.join(groups)}")
+            groups = ", ".join(sorted({f"{m}:{v}" for m, v in zip(df.get("method", []), df.get("variant", []))}))
+            raise ValueError(f"no runs match {selector_text(sel)!r}; groups here (method:variant): {groups}")
     if paired:
         m = pd.merge(ga[[seed_col, metric]], gb[[seed_col, metric]], on=seed_col, suffixes=("_a", "_b")).dropna()
         xa, xb = m[f"{metric}_a"].to_numpy(float), m[f"{metric}_b"].to_numpy(float)
@@ -330,17 +331,12 @@ def main(args) -> int:
         a, b = args.compare
         try:
             sel_a, sel_b = parse_selector(a), parse_selector(b)
-            for sel in (sel_a, sel_b):
-                _select(df, sel, "method")                   # unknown columns fail before any output
-        except (KeyError, ValueError) as err:
-            raise DataError(f"--compare: {err.args[0]}") from None
-        for m in metrics:
-            if m not in df.columns:
-                continue
-            try:
+            for m in metrics:
+                if m not in df.columns:
+                    continue
                 r = compare(df, sel_a, sel_b, m, paired=args.paired)
-            except ValueError as err:
-                raise DataError(f"--compare: {err}") from None
-            print(f"{m}: {selector_text(sel_a)} {100 * r['mean_a']:.2f} vs "
-                  f"{selector_text(sel_b)} {100 * r['mean_b']:.2f} (n={r['n_a']}/{r['n_b']}), {r['test']}: t={r['t']:.3f}, p={r['p']:.4g}")
+                print(f"{m}: {selector_text(sel_a)} {100 * r['mean_a']:.2f} vs {selector_text(sel_b)} "
+                      f"{100 * r['mean_b']:.2f} (n={r['n_a']}/{r['n_b']}), {r['test']}: t={r['t']:.3f}, p={r['p']:.4g}")
+        except (KeyError, ValueError) as err:                # an unknown column or an empty group
+            raise DataError(f"--compare: {err.args[0]}") from None
     return 0
