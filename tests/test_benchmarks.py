@@ -274,7 +274,10 @@ def test_bank_benchmark_runs(tmp_path):
     d = json.loads(out.read_text())
     ex = d["extraction"]
     assert ex["images"] == 3 and ex["images_per_s"] > 0
-    assert ex["seconds_for"]["80"] == pytest.approx(2 * ex["seconds_for"]["40"], rel=0.05)
+    # linear in the bank size: size / rate, as stored (rounded to 0.1 s; comparing two rounded values against each
+    # other failed on a fast machine: 1.03 -> 1.0 and 2.06 -> 2.1)
+    for n in (40, 80):
+        assert ex["seconds_for"][str(n)] == pytest.approx(n / ex["images_per_s"], abs=0.05 + 1e-9)
     assert set(d["kmeans"]["cpu_s"]) == {"clustered", "uniform"}
     assert set(d["kmeans"]["cpu_s"]["uniform"]) == {"40", "80"}
     assert d["kmeans"]["gpu_s"] == "no GPU" or isinstance(d["kmeans"]["gpu_s"], dict)
