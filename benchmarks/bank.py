@@ -3,14 +3,14 @@
     python benchmarks/bank.py [--json OUT] [--encoder imagenet-efficientnet-lite0] [--tiles 16] [--extract-n 0]
                               [--sizes 1000,5000,20000] [--k 3] [--iters 100] [--restarts 5] [--dim 0] [--device cpu]
 
-Extraction runs ``pbip_core.bank.encode_images`` (PNG read, white share, encoder forward without a graph) on
+Extraction runs ``pbip_core.engine.bank.encode_images`` (PNG read, white share, encoder forward without a graph) on
 ``--tiles`` synthetic 224 px H&E tiles written by ``pbip_core.data.synth``, repeated until ``--extract-n`` images
 have been encoded (0 = 4 passes over the tiles). Its cost per image does not depend on the bank size (no image is
 compared with another), so the seconds for 1k / 5k / 20k images are the measured rate extrapolated linearly, and the
 output says so. The encoder is an offline one with its real weights when they are installed (else the same
 architecture with random weights; the time is the same).
 
-Spherical K-means (``pbip_core.bank.spherical_kmeans``, the bank's K, iterations and restarts) runs on synthetic
+Spherical K-means (``pbip_core.method.bank.spherical_kmeans``, the bank's K, iterations and restarts) runs on synthetic
 unit features for each size: ``--classes`` clusters of points around random directions on the sphere, K-means on
 ``n / classes`` points per class as the bank does (one K-means per class), timed for all classes together. With CUDA
 the same function is timed on GPU tensors (it runs on the features' device); without, the output says "no GPU".
@@ -31,14 +31,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
-from pbip_core.bank import encode_images, spherical_kmeans  # noqa: E402
+from pbip_core.data.synth import render_tile, tile_rng  # noqa: E402
+from pbip_core.engine.bank import encode_images  # noqa: E402
+from pbip_core.errors import PBIPError  # noqa: E402
+from pbip_core.method.bank import spherical_kmeans  # noqa: E402
+from pbip_core.nets.encoders import get_encoder  # noqa: E402
 
 
 def write_tiles(folder: Path, n: int, size: int = 224, seed: int = 0) -> list[Path]:
     """``n`` synthetic H&E tiles (pbip_core.data.synth) as PNG files in ``folder``."""
     from PIL import Image
-
-    from pbip_core.data.synth import render_tile, tile_rng
 
     paths = []
     for i in range(n):
@@ -51,9 +53,6 @@ def write_tiles(folder: Path, n: int, size: int = 224, seed: int = 0) -> list[Pa
 
 def load_encoder(name: str, device: str) -> tuple[Any, bool]:
     """The encoder with its real weights if installed, else random weights (same architecture). -> (encoder, real?)."""
-    from pbip_core.encoders import get_encoder
-    from pbip_core.errors import PBIPError
-
     try:
         return get_encoder(name, device=device), True
     except PBIPError as e:

@@ -12,11 +12,11 @@ Modes (same model, batch, prototypes and loss; only how X_FG / X_BG reach the fr
     (The official code also builds an unused ~109M-parameter text tower; ``--text-tower`` builds a BERT-base of that
     size beside it to mirror the memory; off by default.)
 ``exact``
-    ours: frozen encoder and :meth:`pbip_core.model.ImgMatchNet.forward_backward`: chunks of ``--encoder-chunk``
+    ours: frozen encoder and :func:`pbip_core.engine.step.forward_backward`: chunks of ``--encoder-chunk``
     images (FG and BG of ``chunk // 2`` pairs in one call) are encoded, back-propagated to their masked images and freed
     one after the other; one backward through the backbone. Same mathematics as ``reference``; checked here.
 ``exact_plain``
-    (optional) the loop of ``pbip_core.train`` as it is: ``model(x, y)``, ``total_loss``, ``backward()``; frozen
+    (optional) the DDP path of ``pbip_core.engine.step``: ``model(x, y)``, ``total_loss``, ``backward()``; frozen
     encoder, ``encode_chunked`` (checkpointed chunks when ``--encoder-chunk`` > 0, one call when 0).
 ``pooled``
     the approximation ``model.fgbg=pooled``: each image encoded once, the encoder's last tokens pooled under b*M and
@@ -31,7 +31,6 @@ machine's dense fp32 matmul rate measured in the same run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -48,8 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
 from pbip_core.config import Config, make_config  # noqa: E402
-from pbip_core.losses import LossTerms, total_loss  # noqa: E402
-from pbip_core.model import PBIP, build_model, positive_pairs, separate  # noqa: E402
+from pbip_core.engine.build import build_model  # noqa: E402
+from pbip_core.engine.step import forward_backward  # noqa: E402
+from pbip_core.method.losses import LossTerms, total_loss  # noqa: E402
+from pbip_core.method.model import PBIP, positive_pairs, separate  # noqa: E402
+from pbip_core.nets.backbones import get_backbone  # noqa: E402
+from pbip_core.nets.encoders import get_encoder  # noqa: E402
 
 MODES = ("reference", "exact", "exact_plain", "pooled")
 DEFAULT_MODES = ("reference", "exact", "pooled")
@@ -97,9 +100,6 @@ def build_setup(encoder: str | torch.nn.Module = "medclip", backbone: str | torc
     ``encoder`` / ``backbone``: a name (random-init architecture from pbip_core) or a module (tests pass small ones).
     Everything is drawn from ``seed`` in a fixed order, so every mode starts from identical weights and data.
     """
-    from pbip_core.backbones import get_backbone
-    from pbip_core.encoders import get_encoder
-
     torch.manual_seed(seed)
     bb = get_backbone(backbone, pretrained=False) if isinstance(backbone, str) else backbone
     enc = get_encoder(encoder, random_init=True) if isinstance(encoder, str) else encoder
@@ -109,7 +109,7 @@ def build_setup(encoder: str | torch.nn.Module = "medclip", backbone: str | torc
     model = build_model(cfg, protos, enc, bb).to(device)
     model.train()
     x, y = make_batch(batch, size, n_classes, positives, seed)
-    pairs = positive_pairs(y)                           # before the transfer, as pbip_core.train does: no sync
+    pairs = positive_pairs(y)                           # before the transfer, as the training loop does: no sync
     x, y, pairs = x.to(device), y.to(device), pairs.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -134,8 +134,9 @@ def reference_step(s: Setup) -> LossTerms:
     s.opt.zero_grad(set_to_none=True)                    # zeroes the ClassNet only: encoder grads accumulate
     with _autocast(s):
         out = m.classnet(s.x)
-        _, _, fg_w, bg_w, pairs = m.matcher.masks(s.x, out.maps, s.y)
-        x_fg, x_bg = separate(s.x, fg_w, bg_w, pairs)
+        mm = m.matcher.masks(s.x, out.maps)
+        pairs = s.pairs
+        x_fg, x_bg = separate(s.x, mm.fg, mm.bg, pairs)
         f_fg = m.matcher.encoder.encode(x_fg)              # graph 1
         f_bg = m.matcher.encoder.encode(x_bg)              # graph 2, both kept for the backward
         fg = [mlp(f_fg) for mlp in m.classnet.mlps]
@@ -147,19 +148,20 @@ def reference_step(s: Setup) -> LossTerms:
 
 
 def exact_step(s: Setup) -> LossTerms:
-    """Ours: frozen encoder, chunks encoded and back-propagated one at a time (ImgMatchNet.forward_backward)."""
+    """Ours: frozen encoder, chunks encoded and back-propagated one at a time (engine.step.forward_backward)."""
     m = s.model
     s.opt.zero_grad(set_to_none=True)
     with _autocast(s):
         out = m.classnet(s.x)
-        _, terms = m.matcher.forward_backward(s.x, out.maps, s.y, m.classnet.mlps,
-                                              lambda fg, bg, pairs: _loss(s, out, fg, bg, pairs), s.pairs)
+        _, terms = forward_backward(m.matcher, s.x, out.maps, s.y, m.classnet.mlps,
+                                    lambda fg, bg, pairs: _loss(s, out, fg, bg, pairs), s.cfg.train.encoder_chunk,
+                                    s.pairs)
     s.opt.step()
     return terms
 
 
 def plain_step(s: Setup) -> LossTerms:
-    """The loop of pbip_core.train as written: forward, total_loss, backward (frozen encoder, encode_chunked)."""
+    """One graph (the DDP path of the training loop): forward, total_loss, backward (frozen encoder, encode_chunked)."""
     s.opt.zero_grad(set_to_none=True)
     with _autocast(s):
         out, match = s.model(s.x, s.y, s.pairs)

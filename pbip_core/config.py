@@ -11,7 +11,7 @@ Method presets (``--set method=...``) switch the method on top of a profile:
 
 * ``pbip``: the paper (default).
 * ``cam``: baseline CAM; a 1x1-conv head on the same backbone, L_CLS only, same schedule.
-* ``official``: the public code's behaviour as listed in DESIGN.md ("What the official code does differently").
+* ``official``: the public code's behaviour as listed in docs/DESIGN.md ("What the official code does differently").
 
 Resolution order: profile defaults -> YAML file (``--config``) -> ``method`` preset -> ``--set`` overrides. A preset
 only changes the keys it names, so ``--set method=official --set train.lr=1e-5`` keeps the override.
@@ -23,21 +23,25 @@ import copy
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
 from .errors import ConfigError
+from .io import atomic_write_text
 
-PROFILES = ("smoke", "demo", "paper")
-METHODS = ("pbip", "cam", "official")
+Profile = Literal["smoke", "demo", "paper"]
+Method = Literal["pbip", "cam", "official"]
+PROFILES: tuple[str, ...] = typing.get_args(Profile)
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/synth"          # dataset folder (DESIGN.md format)
+    root: str = "data/synth"          # dataset folder (docs/DESIGN.md format)
     image_size: int = 224             # images are resized to this square size for training
     augment: bool = True              # flips + rot90 (sec. 4.1)
     num_workers: int = 0
@@ -52,7 +56,7 @@ class BankConfig:
     k: int = 3                        # K clusters per class (sec. 3.2)
     nk: int = 100                     # N_K images kept per cluster
     white_threshold: float = 0.5      # drop images whose white-pixel share is above this
-    selection: str = "cluster"        # "cluster" (paper) | "random" (Fig. 4) | "centroid" (official: centres, all images)
+    selection: Literal["cluster", "random", "centroid"] = "cluster"   # paper | Fig. 4 | official: centres, all images
     kmeans_iters: int = 100
     kmeans_restarts: int = 5
     seed: int = 0
@@ -67,14 +71,12 @@ class ModelConfig:
     sim: bool = True                  # eq. 2 cosine SIM head; False = 1x1 conv head (Table 5)
     at: bool = True                   # adaptive threshold (eq. 4); False = b = 1 everywhere (Table 5)
     delta: float = 0.15               # eq. 4
-    threshold_scope: str = "class"    # "class": max per image and class (paper); "global": max over all channels (official)
+    threshold_scope: Literal["class", "global"] = "class"   # max per image and class (paper) | over all channels (official)
     proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i
     logit_scale: float = 10.0         # s in sigmoid(s * GAP(M_i)) (eq. 7 reading, see model.py); official: learnable, 1/0.07
     learn_logit_scale: bool = False
     normalize_prototypes: bool = True # official code leaves projected prototypes unnormalised
-    fgbg: str = "exact"               # "exact": encode X_FG and X_BG (paper); "pooled": approximate (issue 6)
-    fg_mask_source: str = "paper"     # RECORDED ONLY, not a switch yet: both values build X_FG/X_BG from the min-max
-                                      # normalised M' (eq. 3-5); kept so saved run configs stay readable
+    fgbg: Literal["exact", "pooled"] = "exact"   # encode X_FG and X_BG (paper) | pool the image's features (approx.)
 
 
 @dataclass
@@ -98,7 +100,7 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 1e-5
     weight_decay: float = 0.003
-    schedule: str = "constant"        # "constant" | "linear" (official: linear decay) | "poly"
+    schedule: Literal["constant", "linear", "poly"] = "constant"   # official: linear decay
     warmup_steps: int = 0
     device: str = "auto"              # "auto" = cuda if available else cpu
     # FG/BG images per encoder call in the exact chunked step (0 = all 2P in one call). Same mathematics whatever
@@ -114,7 +116,7 @@ class TrainConfig:
 @dataclass
 class PseudoConfig:
     level_weights: tuple[float, ...] = ()   # () = equal weights over the used levels
-    labels: str = "gt"                # "gt": classes present in the GT mask (val/test); "predicted": classifier
+    labels: Literal["gt", "predicted"] = "gt"   # val/test: classes present in the GT mask | the classifier's
     predict_threshold: float = 0.5    # image-label threshold for labels="predicted"
     white_background: bool = True    # pixels that are white in the image become background_index
     white_threshold: float = 0.85     # a pixel is white if min(R,G,B)/255 > this (after a 3x3 median)
@@ -142,8 +144,8 @@ _UNHASHED = ("train.device", "data.num_workers", "train.log_every", "train.encod
 
 @dataclass
 class Config:
-    profile: str = "demo"
-    method: str = "pbip"
+    profile: Profile = "demo"
+    method: Method = "pbip"
     data: DataConfig = field(default_factory=DataConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,8 +175,6 @@ class Config:
         return self.hash(exclude=(*_UNHASHED, *[k for k in self.flat() if k.startswith("stage2.")]))
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(_to_yaml(self.to_dict()), sort_keys=False))
 
 
@@ -216,11 +216,10 @@ _METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "pbip": {},
     # Baseline CAM: same backbone and schedule, a 1x1 conv classifier, L_CLS only.
     "cam": {"model.sim": False, "loss.fgs": False, "loss.bgs": False},
-    # The official repository's behaviour (DESIGN.md).
+    # The official repository's behaviour (docs/DESIGN.md).
     "official": {
         "model.levels": (1, 2, 3, 4), "model.normalize_prototypes": False, "model.learn_logit_scale": True,
         "model.logit_scale": 1 / 0.07, "model.threshold_scope": "global", "model.delta": 0.5,
-        "model.fg_mask_source": "official",
         "bank.selection": "centroid",
         "loss.cls_level_weights": (0.0, 0.1, 1.0, 1.0), "loss.beta": 0.1, "loss.theta1": 1.0,
         "loss.theta2": 1.0, "loss.tau": 0.07, "loss.cam_reg": 0.0005,
@@ -370,11 +369,25 @@ def _coerce(key: str, current: Any, value: Any) -> Any:
     return value
 
 
+def literal_errors(obj: Any, prefix: str = "") -> list[str]:
+    """One message per field of a (nested) config dataclass whose value is not among its ``Literal`` choices."""
+    errors = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            errors += literal_errors(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            choices = "|".join(map(str, typing.get_args(hint)))
+            errors.append(f"{prefix}{f.name}={value!r} is not one of {choices}")
+    return errors
+
+
 def validate(cfg: Config) -> None:
-    if cfg.profile not in PROFILES:
-        raise ConfigError(f"unknown profile {cfg.profile!r}; choose one of {', '.join(PROFILES)}")
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    """ConfigError naming the first invalid key: unknown choices, out-of-range numbers, inconsistent lengths."""
+    bad = literal_errors(cfg)
+    if bad:
+        raise ConfigError(bad[0])
     checks = [
         (0.0 <= cfg.model.delta <= 1.0, "model.delta must be in [0, 1] (eq. 4)"),
         (cfg.bank.k >= 1, "bank.k must be >= 1"),
@@ -382,10 +395,6 @@ def validate(cfg: Config) -> None:
         (cfg.loss.tau > 0, "loss.tau must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.epochs >= 0, "train.epochs must be >= 0"),
-        (cfg.bank.selection in ("cluster", "random", "centroid"), "bank.selection must be cluster|random|centroid"),
-        (cfg.model.fgbg in ("exact", "pooled"), "model.fgbg must be exact|pooled"),
-        (cfg.model.threshold_scope in ("class", "global"), "model.threshold_scope must be class|global"),
-        (cfg.pseudo.labels in ("gt", "predicted"), "pseudo.labels must be gt|predicted"),
         (len(cfg.model.levels) >= 1 and all(1 <= lv <= 4 for lv in cfg.model.levels),
          "model.levels must be backbone stages in 1..4"),
         (not cfg.loss.cls_level_weights or len(cfg.loss.cls_level_weights) == len(cfg.model.levels),

@@ -11,7 +11,7 @@ class PBIPError(Exception):
 
 
 class DataError(PBIPError, ValueError):
-    """A dataset folder or file does not follow the dataset-folder format of DESIGN.md."""
+    """A dataset folder or file does not follow the dataset-folder format of docs/DESIGN.md."""
 
 
 class WeightsError(PBIPError, FileNotFoundError):

@@ -2,7 +2,7 @@
 
 The committed notebooks are never rewritten: the book (``_config.yml``, ``_toc.yml``, ``book/``) is copied into a
 temporary root and its chapters are executed there in place, with the smoke profile, each once (memoised), after
-the chapters they depend on (``pbip_core.book.CHAPTERS``).
+the chapters they depend on (``pbip_core.book.build.CHAPTERS``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import nbformat
 
-from pbip_core import book
+from pbip_core.book import build as book
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TIMEOUT = 600

@@ -16,7 +16,6 @@ class TinyBackbone(nn.Module):
     def __init__(self, channels=(4, 8, 16, 32)):
         super().__init__()
         self.channels = tuple(channels)
-        c_in = 3
         self.stem = nn.Conv2d(3, channels[0], 3, stride=4, padding=1)
         self.stages = nn.ModuleList(
             [nn.Conv2d(channels[i - 1], channels[i], 3, stride=2, padding=1) for i in range(1, 4)]

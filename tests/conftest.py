@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-``make_dataset(tmp_path, ...)`` writes a tiny valid dataset folder (DESIGN.md format) and returns its path;
+``make_dataset(tmp_path, ...)`` writes a tiny valid dataset folder (docs/DESIGN.md format) and returns its path;
 import it in a test module with ``from conftest import make_dataset`` or use the ``tiny_dataset`` fixture.
 """
 

@@ -1,17 +1,16 @@
-"""Hierarchical backbones (pbip_core.backbones): the F_1..F_4 shape contract, weights and their errors.
+"""Hierarchical backbones (pbip_core.nets.backbones): the F_1..F_4 shape contract, weights and their errors.
 
 Random initialisations are built offline from configs; nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from pbip_core import weights as W
-from pbip_core.backbones import BACKBONES, available_backbones, get_backbone
+from pbip_core.nets import weights as W
+from pbip_core.nets.backbones import BACKBONES, available_backbones, get_backbone
 from pbip_core.errors import ConfigError, WeightsError
 
 EXPECTED_CHANNELS = {   # C_1..C_4 of the published architectures
@@ -71,7 +70,7 @@ def test_hub_backbones_offline_raise_weights_error(name, monkeypatch):
         pytest.skip(f"{entry.hub_id} is in the local Hugging Face cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(entry.env_var, raising=False)
-    with pytest.raises(WeightsError, match=f"data_manifest.yaml: weights.{name}.*{entry.env_var}"):
+    with pytest.raises(WeightsError, match=f"pbip_core/data/manifest.yaml: weights.{name}.*{entry.env_var}"):
         get_backbone(name, pretrained=True)
 
 
@@ -103,7 +102,7 @@ def test_pretrained_efficientnet_lite0_loads_real_weights():
 
 def test_pretrained_densenet121_matches_the_encoder():
     """The backbone's last map is the encoder's feature map (same converted weights, same input scaling)."""
-    from pbip_core.encoders import get_encoder
+    from pbip_core.nets.encoders import get_encoder
 
     bb = get_backbone("densenet121", pretrained=True).eval()
     enc = get_encoder("pathmnist-densenet121", input_size=64)
@@ -132,7 +131,7 @@ def test_local_weights_dirs_are_loaded(tmp_path, monkeypatch):
     import timm
     from transformers import SegformerModel
 
-    from pbip_core.backbones import mit_b1_config
+    from pbip_core.nets.backbones import mit_b1_config
 
     torch.manual_seed(0)
     ref = SegformerModel(mit_b1_config())

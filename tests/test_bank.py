@@ -1,16 +1,15 @@
 """Sec. 3.2: single-class selection, white filter, spherical K-means (eq. 1), top-N_K, prototypes, the official file."""
 
-from pathlib import Path
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from pbip_core.bank import (PrototypeBank, build_prototypes, cosine_distance, nearest_to_centre, select_single_class,
-                            spherical_kmeans, white_fraction)
+from pbip_core.engine.bank import OFFICIAL_PROTOTYPES, load_bank, save_bank
 from pbip_core.errors import DataError
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from pbip_core.method.bank import (PrototypeBank, build_prototypes, cosine_distance, nearest_to_centre,
+                                   select_single_class, spherical_kmeans, white_fraction)
 
 
 def test_select_single_class():
@@ -66,7 +65,8 @@ def test_build_prototypes_cluster_mean_of_top_nk():
     x, truth = _three_directions(n_per=10)
     names = [f"img{i}.png" for i in range(len(x))]
     members = [np.arange(30), np.arange(10)]         # class 0: all three groups, class 1: group 0 only
-    protos, mem = build_prototypes(x, members, names, k=3, nk=4, seed=0)
+    steps = build_prototypes(x, members, k=3, nk=4, seed=0)
+    protos, mem = steps.prototypes, steps.members(names)
     assert protos.shape == (2, 3, 3)
     assert all(len(m) == 4 for m in mem[0])
     # each class-0 prototype is the mean feature of its 4 chosen images
@@ -78,38 +78,44 @@ def test_build_prototypes_cluster_mean_of_top_nk():
 def test_random_and_centroid_selection():
     x, _ = _three_directions(n_per=10)
     names = [f"i{i}" for i in range(len(x))]
-    p_rand, m_rand = build_prototypes(x, [np.arange(30)], names, k=3, nk=5, selection="random", seed=3)
+    rand = build_prototypes(x, [np.arange(30)], k=3, nk=5, selection="random", seed=3)
+    p_rand, m_rand = rand.prototypes, rand.members(names)
     assert p_rand.shape == (1, 3, 3) and all(len(m) == 5 for m in m_rand[0])
-    p_cent, m_cent = build_prototypes(x, [np.arange(30)], names, k=3, nk=5, selection="centroid", seed=3)
+    cent = build_prototypes(x, [np.arange(30)], k=3, nk=5, selection="centroid", seed=3)
+    p_cent, m_cent = cent.prototypes, cent.members(names)
     assert torch.allclose(p_cent.norm(dim=-1), torch.ones(1, 3), atol=1e-5)      # official: unit centres
     assert sum(len(m) for m in m_cent[0]) == 30                                    # all images, no top-N_K
 
 
 def test_tiny_class_fallback_and_empty_class_error():
     x = torch.randn(5, 4)
-    names = [f"i{i}" for i in range(5)]
     with pytest.warns(UserWarning, match="< K=3"):
-        protos, _ = build_prototypes(x, [np.array([0, 1])], names, k=3, nk=2)
+        protos = build_prototypes(x, [np.array([0, 1])], k=3, nk=2).prototypes
     assert protos.shape == (1, 3, 4) and torch.allclose(protos[0, 2], protos[0, 0])
     with pytest.raises(DataError, match="'NEC'.*no eligible single-class"):
-        build_prototypes(x, [np.array([0, 1, 2]), np.array([], dtype=int)], names, k=2, nk=2,
-                         class_names=["TUM", "NEC"])
+        build_prototypes(x, [np.array([0, 1, 2]), np.array([], dtype=int)], k=2, nk=2, class_names=["TUM", "NEC"])
+
+
+def test_steps_keep_every_intermediate():
+    """The chapter plots the bank's own steps: assignments, centres and sub-banks of every class."""
+    x, truth = _three_directions(n_per=10)
+    steps = build_prototypes(x, [np.arange(30)], k=3, nk=4, seed=0)
+    assert len(steps.assign[0]) == 30 and steps.centres[0].shape == (3, 3)
+    assert np.array_equal(np.unique(steps.assign[0]), np.arange(3))
+    for k, chosen in enumerate(steps.chosen[0]):
+        assert len(chosen) == 4 and (steps.assign[0][chosen] == k).all()      # sub-bank k lies in cluster k
 
 
 def test_save_load_roundtrip(tmp_path):
     bank = PrototypeBank(torch.randn(2, 3, 5), ["A", "B"], "enc", [[["a"], ["b"], ["c"]], [["d"], ["e"], ["f"]]])
-    bank.save(tmp_path / "b.pt")
-    again = PrototypeBank.load(tmp_path / "b.pt")
+    save_bank(bank, tmp_path / "b.pt")
+    again = load_bank(tmp_path / "b.pt")
     assert torch.equal(again.features, bank.features) and again.classes == ["A", "B"] and again.members == bank.members
 
 
-@pytest.mark.skipif(not (FIXTURES / "official_bcss_prototypes.pkl").is_file(),
-                    reason="../shared/fixtures/official_bcss_prototypes.pkl not present beside the repository")
 def test_official_prototype_file_reads_as_4x3x512():
-    import pickle
-
-    path = FIXTURES / "official_bcss_prototypes.pkl"
-    bank = PrototypeBank.load(path)
+    path = OFFICIAL_PROTOTYPES
+    bank = load_bank(path)
     assert bank.features.shape == (4, 3, 512)
     assert bank.classes == ["TUM", "STR", "LYM", "NEC"]
     with open(path, "rb") as fh:
@@ -122,6 +128,6 @@ def test_corrupt_bank_file_is_a_clear_error(tmp_path):
     p = tmp_path / "bad.pt"
     p.write_bytes(b"not a bank")
     with pytest.raises(DataError, match="bad.pt"):
-        PrototypeBank.load(p)
+        load_bank(p)
     with pytest.raises(DataError, match="not found"):
-        PrototypeBank.load(tmp_path / "missing.pt")
+        load_bank(tmp_path / "missing.pt")

@@ -1,6 +1,7 @@
 """Correctness of the fast stage-1 step and of benchmarks/stage1_step.py (no timing is asserted).
 
-The chunked step (ImgMatchNet.forward_backward), the checkpointed ``encode_chunked`` and the benchmark's ``exact`` mode
+The chunked step (pbip_core.engine.step.forward_backward), the checkpointed ``encode_chunked`` and the benchmark's
+``exact`` mode
 must give the loss and gradients of the plain structure (forward, total_loss, one backward) and of the official one
 (``reference``: encoder weights with grad, two encoder calls).
 """
@@ -17,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from _fakes import TinyBackbone, TinyEncoder
-from pbip_core.config import LossConfig
-from pbip_core.losses import total_loss
-from pbip_core.model import ClassNet, ImgMatchNet, PBIP, encode_chunked
+from pbip_core.config import LossConfig, make_config
+from pbip_core.engine.step import encode_chunked, forward_backward, loss_and_backward
+from pbip_core.method.losses import total_loss
+from pbip_core.method.model import PBIP, ClassNet, ImgMatchNet, positive_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stage1_step as S  # noqa: E402
@@ -58,7 +60,7 @@ def tiny():
 
 
 def _plain(net, enc, x, y, cfg, fgbg="exact", chunk=0):
-    model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, fgbg=fgbg, encoder_chunk=chunk))
+    model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, fgbg=fgbg, encode=lambda im: encode_chunked(enc, im, chunk)))
     out, match = model(x, y)
     terms = total_loss(out.logits, y, match.fg, match.bg, out.protos, match.pairs, cfg, last_map=out.maps[-1])
     terms.total.backward()
@@ -66,11 +68,11 @@ def _plain(net, enc, x, y, cfg, fgbg="exact", chunk=0):
 
 
 def _chunked(net, enc, x, y, cfg, fgbg="exact", chunk=0):
-    model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, fgbg=fgbg, encoder_chunk=chunk))
+    model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, fgbg=fgbg))
     out = model.classnet(x)
-    match, terms = model.matcher.forward_backward(
-        x, out.maps, y, model.classnet.mlps,
-        lambda fg, bg, pairs: total_loss(out.logits, y, fg, bg, out.protos, pairs, cfg, last_map=out.maps[-1]))
+    match, terms = forward_backward(
+        model.matcher, x, out.maps, y, model.classnet.mlps,
+        lambda fg, bg, pairs: total_loss(out.logits, y, fg, bg, out.protos, pairs, cfg, last_map=out.maps[-1]), chunk)
     return terms, _grads(model), match
 
 
@@ -133,21 +135,19 @@ class _SyncOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_step_has_no_sync_ops_when_pairs_are_given(tiny, chunk):
-    """With the pairs computed from the CPU labels beforehand (as pbip_core.train does), the stage-1 step (forward,
-    loss, chunked backward) runs no op that would make the host wait for a GPU; without them it runs nonzero."""
-    from pbip_core.model import positive_pairs
-    from pbip_core.train import _loss_and_backward
-    from pbip_core.config import make_config
-
+    """With the pairs computed from the CPU labels beforehand (as pbip_core.engine.stage1 does), the stage-1 step
+    (forward, loss, chunked backward) runs no op that would make the host wait for a GPU; without them it runs
+    nonzero."""
     net, x, y = tiny
     cfg = make_config("smoke", {"train.encoder_chunk": chunk})
     pairs = positive_pairs(y)
     for chunked in (True, False):
-        model = PBIP(copy.deepcopy(net), ImgMatchNet(TinyEncoder(), encoder_chunk=chunk))
-        with _SyncOps() as mode:
-            _loss_and_backward(model, model, x, y, pairs, cfg, chunked)
+        enc = TinyEncoder()
+        model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, encode=lambda im: encode_chunked(enc, im, chunk)))
+        with _SyncOps() as mode:                                          # chunked, or one graph as under DDP
+            loss_and_backward(model, x, y, pairs, cfg.loss, chunk, ddp_model=None if chunked else model)
         assert mode.seen == [], (chunked, mode.seen)
-    model = PBIP(copy.deepcopy(net), ImgMatchNet(TinyEncoder(), encoder_chunk=chunk))
+    model = PBIP(copy.deepcopy(net), ImgMatchNet(TinyEncoder()))
     with _SyncOps() as mode:                                              # the detector does see a sync
         model(x, y)
     assert "nonzero" in mode.seen
@@ -175,7 +175,7 @@ def _small_swin():
     """The medclip architecture (transformers Swin + Linear 768->512), scaled down to 32 px for a fast test."""
     from transformers import SwinModel
 
-    from pbip_core.encoders import SwinProjectionEncoder, swin_tiny_config
+    from pbip_core.nets.encoders import SwinProjectionEncoder, swin_tiny_config
 
     cfg = swin_tiny_config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
                            drop_path_rate=0.1)

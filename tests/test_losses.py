@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pbip_core.config import LossConfig
-from pbip_core.losses import bgs_loss, cls_loss, fgs_loss, prototype_similarities, total_loss, two_way_nce
+from pbip_core.method.losses import bgs_loss, cls_loss, fgs_loss, prototype_similarities, total_loss, two_way_nce
 
 
 def test_cls_loss_is_bce_with_sigmoid_summed_over_levels():

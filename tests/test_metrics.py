@@ -26,8 +26,8 @@ _GREY = [(i, i, i) for i in range(256)]
 
 def save_png(array: np.ndarray, path: Path) -> None:
     _save_png(array, path, palette=_GREY)
-from pbip_core.metrics import (
-    SegMetrics, boundary_bands, boundary_width, label_interior, evaluate_dir, f1_per_class, mean_std, ttest,
+from pbip_core.engine.metrics import (
+    SegMetrics, boundary_bands, boundary_width, evaluate_dir, f1_per_class, label_interior,
 )
 
 
@@ -270,28 +270,7 @@ def test_matches_brute_force_reference_on_random_masks():
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
 
 
-# ------------------------------------------------------------------------------------------ statistics
-def test_mean_std_and_ttest():
-    assert mean_std([0.5]) == (0.5, 0.0)
-    mu, sd = mean_std([1.0, 2.0, 3.0, 4.0])
-    assert mu == 2.5 and sd == pytest.approx(math.sqrt(5 / 3))  # sample std: sum of squares 5 over n-1 = 3
-    with pytest.raises(ValueError):
-        mean_std([])
-    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0]
-    r = ttest(a, b)
-    # Welch: means 2 and 5, variances 1 and 20/3; se^2 = 1/3 + 5/3 = 2 -> t = -3/sqrt(2).
-    assert r["t"] == pytest.approx(-3 / math.sqrt(2))
-    # Welch-Satterthwaite df = 2^2 / ((1/3)^2/2 + (5/3)^2/3) = 4 / (1/18 + 25/27) = 216/53.
-    assert r["df"] == pytest.approx(216 / 53)
-    assert 0 < r["p"] < 1 and "Welch" in r["test"]
-    rp = ttest([1.0, 2.0, 4.0], [2.0, 3.0, 4.0], paired=True)
-    # differences -1, -1, 0: mean -2/3, sd sqrt((1/9 + 1/9 + 4/9) / 2) = sqrt(1/3),
-    # t = (-2/3) / (sqrt(1/3) / sqrt(3)) = -2.
-    assert rp["t"] == pytest.approx(-2.0) and rp["df"] == 2 and "paired" in rp["test"]
-    with pytest.raises(ValueError):
-        ttest([1.0], [2.0, 3.0])
-
-
+# ------------------------------------------------------------------------------------------ Table 6
 def test_f1_per_class():
     y_true = [0, 0, 1, 1, 2]
     y_pred = [0, 1, 1, 1, 0]

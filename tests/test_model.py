@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _fakes import TinyBackbone, TinyEncoder
-from pbip_core.model import (ClassNet, ImgMatchNet, PBIP, adaptive_threshold, aggregate, fg_bg_masks, minmax,
+from pbip_core.method.model import (ClassNet, ImgMatchNet, PBIP, adaptive_threshold, aggregate, fg_bg_masks, minmax,
                              positive_pairs, separate, sim_map)
 
 
@@ -82,7 +82,7 @@ def test_classnet_shape_contract(sim):
 @pytest.mark.parametrize("fgbg", ["exact", "pooled"])
 def test_fg_bg_loss_gradient_reaches_the_backbone_but_not_the_encoder(fgbg):
     from pbip_core.config import LossConfig
-    from pbip_core.losses import total_loss
+    from pbip_core.method.losses import total_loss
 
     torch.manual_seed(0)
     enc = TinyEncoder(d=6)

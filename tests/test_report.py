@@ -1,17 +1,16 @@
-"""Statistics, the typed-in paper numbers and the comparison renderer (pbip_core.report)."""
+"""Statistics, the typed-in paper numbers and the comparison renderer (pbip_core.experiments.report)."""
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pbip_core import report
+from pbip_core.experiments import report
 
-PAPER_TXT = Path("/work/shared/paper/pbip-paper.txt")
+PAPER_CELLS = Path(__file__).parent / "fixtures" / "paper_mean_std_cells.txt"
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -57,6 +56,24 @@ def test_compare_welch_matches_hand_computation():
     assert r["dof"] == pytest.approx(6.25 / 1.0625)
     assert r["p"] == pytest.approx(_student_t_two_sided_p(-4 / math.sqrt(2.5), 6.25 / 1.0625), abs=1e-6)
     assert r["mean_a"] == 3 and r["mean_b"] == 7 and r["test"].startswith("Welch")
+
+
+def test_compare_small_samples_by_hand():
+    """(Moved from the metrics module's own t-test, now the one t-test of the library.)"""
+    df = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                       "m": [1.0, 2.0, 3.0, 2.0, 4.0, 6.0, 8.0]})
+    r = report.compare(df, "a", "b", "m")
+    # Welch: means 2 and 5, variances 1 and 20/3; se^2 = 1/3 + 5/3 = 2 -> t = -3/sqrt(2).
+    assert r["t"] == pytest.approx(-3 / math.sqrt(2))
+    # Welch-Satterthwaite df = 2^2 / ((1/3)^2/2 + (5/3)^2/3) = 4 / (1/18 + 25/27) = 216/53.
+    assert r["dof"] == pytest.approx(216 / 53)
+    assert 0 < r["p"] < 1 and "Welch" in r["test"]
+    paired = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "m": [1.0, 2.0, 4.0, 2.0, 3.0, 4.0]})
+    rp = report.compare(paired, "a", "b", "m", paired=True)
+    # differences -1, -1, 0: mean -2/3, sd sqrt((1/9 + 1/9 + 4/9) / 2) = sqrt(1/3), t = (-2/3) / (sqrt(1/3)/sqrt(3)) = -2
+    assert rp["t"] == pytest.approx(-2.0) and rp["dof"] == 2 and "paired" in rp["test"]
+    with pytest.raises(ValueError, match="at least 2"):
+        report.compare(df[df["seed"] != 1].iloc[[0, 2, 3]], "a", "b", "m")
 
 
 def test_compare_paired_by_seed():
@@ -130,10 +147,9 @@ def test_paper_table1_shape():
     assert t1["note"].str.contains("PBLP").any()
 
 
-@pytest.mark.skipif(not PAPER_TXT.is_file(), reason="paper text not available outside the build workplace")
 def test_every_mean_std_cell_in_order_of_the_paper_text():
-    text = re.sub(r"\s*\\pm\s*", "±", PAPER_TXT.read_text())
-    cells = re.findall(r"(\d+\.\d+)±(\d+\.\d+)", text)
+    """The typed-in table equals the cells extracted mechanically from the paper's text (tests/fixtures)."""
+    cells = [tuple(line.split()) for line in PAPER_CELLS.read_text().splitlines() if line and not line.startswith("#")]
     raw = pd.read_csv(report.paper_csv_path(), dtype=str, keep_default_na=False)
     ours = [(r.mean, r.std) for r in raw.itertuples() if r.std]
     assert ours == cells

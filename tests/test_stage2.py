@@ -1,4 +1,5 @@
-"""Stage 2: DeepLab-v2 (ASPP rates 6/12/18/24 summed, output stride 8) and its training loop (pbip_core.stage2)."""
+"""Stage 2: DeepLab-v2 (ASPP rates 6/12/18/24 summed, output stride 8; pbip_core.nets.deeplab) and its training loop
+(pbip_core.engine.stage2)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import make_dataset
-from pbip_core import stage2
 from pbip_core.config import make_config
 from pbip_core.data import list_pairs, list_train
+from pbip_core.engine import stage2
+from pbip_core.engine.runtime import lr_lambda
 from pbip_core.errors import DataError, TrainingError
+from pbip_core.nets import deeplab
 
 N = 4
 
@@ -23,7 +26,7 @@ N = 4
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return stage2.DeepLabV2(N, "resnet18", pretrained=False).eval()
+    return deeplab.DeepLabV2(N, "resnet18", pretrained=False).eval()
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -43,7 +46,7 @@ def test_output_stride_8(model):
 
 
 def test_aspp_rates_and_branches_are_summed(model):
-    assert model.rates == (6, 12, 18, 24) == stage2.ASPP_RATES
+    assert model.rates == (6, 12, 18, 24) == deeplab.ASPP_RATES
     convs = list(model.aspp.branches)
     assert [c.dilation for c in convs] == [(r, r) for r in (6, 12, 18, 24)]
     assert all(c.kernel_size == (3, 3) and c.padding == c.dilation and c.out_channels == N for c in convs)
@@ -53,7 +56,7 @@ def test_aspp_rates_and_branches_are_summed(model):
         by_hand = sum(F.conv2d(x, c.weight, c.bias, padding=c.padding, dilation=c.dilation) for c in convs)
         assert torch.allclose(total, by_hand, atol=1e-6)
         # with all branches but one zeroed, the output is exactly that branch
-        aspp = stage2.ASPPv2(convs[0].in_channels, N)
+        aspp = deeplab.ASPPv2(convs[0].in_channels, N)
         aspp.load_state_dict(model.aspp.state_dict())
         for i, c in enumerate(aspp.branches):
             if i != 2:
@@ -62,7 +65,7 @@ def test_aspp_rates_and_branches_are_summed(model):
 
 
 def test_param_groups_head_gets_10x():
-    m = stage2.DeepLabV2(N, "resnet18", pretrained=False)
+    m = deeplab.DeepLabV2(N, "resnet18", pretrained=False)
     groups = m.param_groups(2.5e-4, 5e-4)
     assert [g["name"] for g in groups] == ["backbone", "aspp"]
     assert groups[0]["lr"] == 2.5e-4 and groups[1]["lr"] == pytest.approx(2.5e-3)
@@ -70,7 +73,7 @@ def test_param_groups_head_gets_10x():
 
 
 def test_poly_schedule():
-    f = stage2.poly_lambda(100, 0.9)
+    f = lr_lambda("poly", 100, power=0.9)
     assert f(0) == 1.0 and f(100) == 0.0
     assert f(50) == pytest.approx(0.5 ** 0.9)
 

@@ -1,4 +1,4 @@
-"""Synthetic H&E generator (pbip_core.data.synth) and the figure helpers it feeds (pbip_core.viz)."""
+"""Synthetic H&E generator (pbip_core.data.synth) and the figure helpers it feeds (pbip_core.book.figures)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from pbip_core import cli
+from pbip_core.book import figures
 from pbip_core.data import synth
 from pbip_core.errors import PBIPError
 
@@ -208,21 +209,19 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "error" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------------------- viz
+# ------------------------------------------------------------------------------------------------------- figures
 def test_mask_to_rgb_and_overlay() -> None:
-    from pbip_core import viz
-
     mask = np.array([[0, 1], [3, 4]], np.uint8)
-    rgb = viz.mask_to_rgb(mask, synth.PALETTE)
+    rgb = figures.mask_to_rgb(mask, synth.PALETTE)
     assert rgb[0, 0].tolist() == [255, 0, 0] and rgb[1, 0].tolist() == [153, 0, 255]
     img = np.full((2, 2, 3), 100, np.uint8)
-    assert (viz.overlay(img, mask, synth.PALETTE, alpha=0.0) == img).all()
-    assert (viz.overlay(img, mask, synth.PALETTE, alpha=1.0) == rgb).all()
-    half = viz.overlay(img, mask, synth.PALETTE, alpha=0.5, ignore_index=4)
+    assert (figures.overlay(img, mask, synth.PALETTE, alpha=0.0) == img).all()
+    assert (figures.overlay(img, mask, synth.PALETTE, alpha=1.0) == rgb).all()
+    half = figures.overlay(img, mask, synth.PALETTE, alpha=0.5, ignore_index=4)
     assert half[0, 0].tolist() == [178, 50, 50] and half[1, 1].tolist() == [100, 100, 100]
-    assert [h.get_label() for h in viz.legend_handles(["A", "B"], synth.PALETTE)] == ["A", "B"]
+    assert [h.get_label() for h in figures.legend_handles(["A", "B"], synth.PALETTE)] == ["A", "B"]
     with pytest.raises(PBIPError):
-        viz.overlay(img, np.zeros((3, 3), np.uint8), synth.PALETTE)
+        figures.overlay(img, np.zeros((3, 3), np.uint8), synth.PALETTE)
 
 
 def test_figure_synth_grid_writes_png(tmp_path: Path, dataset: Path) -> None:

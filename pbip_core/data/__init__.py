@@ -1,23 +1,23 @@
-"""Datasets (paper sec. 4.1): folder readers, the dataset checker, the manifest and the synthetic generator.
+"""Datasets (paper sec. 4.1): folder readers, augmentation, the dataset checker, the manifest and the built-in sets.
 
-The folder format is described in :mod:`pbip_core.data.folder` and DESIGN.md ("Dataset folder format").
+The folder format is described in :mod:`pbip_core.data.folder` and ``docs/DESIGN.md`` ("Dataset folder format").
 """
 
+from .augment import dihedral, item_generator, random_dihedral
 from .folder import (
     KNOWN_DATASETS,
     SPLITS,
     DatasetInfo,
+    PseudoMaskDataset,
     SegDataset,
     TrainDataset,
     bad_mask_values,
     collate_seg,
-    dihedral,
     known_name,
     list_pairs,
     list_train,
     load_info,
     parse_label,
-    random_dihedral,
     resize_image,
     subset_indices,
     to_tensor,
@@ -26,7 +26,7 @@ from .folder import (
 from .manifest import load_manifest
 
 __all__ = [
-    "KNOWN_DATASETS", "SPLITS", "DatasetInfo", "SegDataset", "TrainDataset", "bad_mask_values", "collate_seg",
-    "dihedral", "known_name", "list_pairs", "list_train", "load_info", "load_manifest", "parse_label",
-    "random_dihedral", "resize_image", "subset_indices", "to_tensor", "validate_mask",
+    "KNOWN_DATASETS", "SPLITS", "DatasetInfo", "PseudoMaskDataset", "SegDataset", "TrainDataset", "bad_mask_values",
+    "collate_seg", "dihedral", "item_generator", "known_name", "list_pairs", "list_train", "load_info",
+    "load_manifest", "parse_label", "random_dihedral", "resize_image", "subset_indices", "to_tensor", "validate_mask",
 ]

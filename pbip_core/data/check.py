@@ -1,4 +1,4 @@
-"""``pbip data check DIR`` and ``pbip data list``.
+"""What ``pbip data check DIR`` and ``pbip data list`` print.
 
 ``check`` reads a dataset folder the way training and evaluation will and reports every problem at once,
 one line each (``<file or folder>: <reason>``), so a new dataset can be fixed in one pass.
@@ -6,7 +6,6 @@ one line each (``<file or folder>: <reason>``), so a new dataset can be fixed in
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..io import read_mask, read_rgb
 from .folder import MASK_SPLITS, DatasetInfo, _pngs, bad_mask_values, load_info, parse_label
-from .manifest import load_manifest
 
 
 @dataclass
@@ -144,35 +142,9 @@ def _check_split(rep: CheckReport, split: str, max_images: int, progress: bool) 
                 )
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.required = True
-    c = sub.add_parser("check", help="check a dataset folder and report every problem",
-                       description="Check a dataset folder (DESIGN.md format) and report every problem at once.")
-    c.add_argument("dir", metavar="DIR", help="dataset folder")
-    c.add_argument("--max-images", type=int, default=0,
-                   help="read at most N image files per split (0 = all; names and pairs are always checked)")
-    sub.add_parser("list", help="list the datasets and weights of data_manifest.yaml and where to get them")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.data_command == "list":
-        print(format_manifest(load_manifest()))
-        return 0
-    rep = inspect_dataset(args.dir, max_images=args.max_images, progress=True)
-    if rep.problems:
-        for line in rep.problems:
-            print(line)
-        n = len(rep.problems)
-        print(f"{n} problem{'s' if n != 1 else ''} found in {rep.root}")
-        return 2
-    print(rep.summary())
-    return 0
-
-
+# ---------------------------------------------------------------------------------------------- the manifest
 def format_manifest(m: dict) -> str:
-    lines = ["Datasets (data_manifest.yaml):"]
+    lines = ["Datasets (pbip_core/data/manifest.yaml):"]
     for name, d in m["datasets"].items():
         splits = d.get("splits") or {}
         sizes = "/".join(str(splits.get(s, "?")) for s in ("train", "val", "test")) if splits else "-"

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from ..io import read_mask, read_rgb
+from .augment import dihedral, item_generator, random_dihedral
 
 SPLITS = ("train", "val", "test")
 MASK_SPLITS = ("val", "test")
@@ -233,29 +234,6 @@ def resize_image(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].clamp_(0, 1)
 
 
-def dihedral(x: torch.Tensor, k: int, hflip: bool, vflip: bool) -> torch.Tensor:
-    """One of the 8 flips/rotations of the square on the last two axes: flips first, then ``rot90`` k times."""
-    if hflip:
-        x = x.flip(-1)
-    if vflip:
-        x = x.flip(-2)
-    return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
-
-
-def random_dihedral(generator: torch.Generator) -> tuple[int, bool, bool]:
-    """Draw ``(k, hflip, vflip)``: random horizontal/vertical flips (p = 0.5 each) and a random rot90."""
-    r = torch.randint(0, 2, (2,), generator=generator)
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    return k, bool(r[0]), bool(r[1])
-
-
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, index): augmentations do not depend on worker order."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + index)
-    return g
-
-
 def subset_indices(n: int, max_items: int, seed: int = 0) -> list[int]:
     """The first ``max_items`` of a seeded permutation of ``range(n)`` (then sorted), so classes stay mixed."""
     if max_items <= 0 or max_items >= n:
@@ -268,17 +246,18 @@ class TrainDataset(Dataset):
     """Training images with image-level labels (stage 1).
 
     Item: ``{"image": (3, H, W) float32 RGB in [0, 1], "label": (N,) float32, "name": str, "index": int}``.
-    ``augment``: random horizontal/vertical flips + random rot90 (the augmentation listed in the project
-    config for sec. 4.1; the paper's text names none). Draws depend only on ``(seed, epoch, index)``; call
-    :meth:`set_epoch` each epoch for fresh draws.
+    ``augment``: random horizontal/vertical flips + random rot90 (:mod:`pbip_core.data.augment`; the official code's
+    augmentation, the paper's text names none). Draws depend only on ``(seed, epoch, index)``; call
+    :meth:`set_epoch` each epoch for fresh draws. ``max_items`` keeps a subset chosen by ``subset_seed`` (fixed by
+    default, so every seed and both stages train on the same images).
     """
 
     def __init__(self, root: str | Path, image_size: int | None = None, augment: bool = False, max_items: int = 0,
-                 info: DatasetInfo | None = None, seed: int = 0) -> None:
+                 info: DatasetInfo | None = None, seed: int = 0, subset_seed: int = 0) -> None:
         self.root = Path(root)
         self.info = info or load_info(self.root)
         items = list_train(self.root, self.info)
-        self.items = [items[i] for i in subset_indices(len(items), max_items, seed)]
+        self.items = [items[i] for i in subset_indices(len(items), max_items, subset_seed)]
         self.image_size = image_size
         self.augment = augment
         self.seed = seed
@@ -367,3 +346,52 @@ def collate_seg(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "name": [b["name"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
     }
+
+
+class PseudoMaskDataset(Dataset):
+    """Training images (``DIR/train/*.png``) paired with pseudo masks of the same file name in ``masks_dir`` (stage 2).
+
+    Item: ``{"image": (3, S, S) float [0, 1], "mask": (S, S) int64, "name": str}``. ``max_items`` keeps the same subset
+    as stage 1's :class:`TrainDataset` (``subset_seed``). ``augment``: the same flip/rot90 on image and mask.
+    """
+
+    def __init__(self, root: str | Path, masks_dir: str | Path, image_size: int | None = None,
+                 augment: bool = False, seed: int = 0, max_items: int = 0, subset_seed: int = 0) -> None:
+        self.masks_dir = Path(masks_dir)
+        if not self.masks_dir.is_dir():
+            raise DataError(f"{self.masks_dir}: pseudo-mask folder not found (write it with `pbip pseudo --split train`)")
+        items = [Path(p) for p, _ in list_train(root)]
+        items = [items[i] for i in subset_indices(len(items), max_items, subset_seed)]
+        missing = [p for p in items if not (self.masks_dir / p.name).is_file()]
+        if missing:
+            raise DataError(
+                f"{self.masks_dir / missing[0].name}: pseudo mask missing for training image {missing[0]} "
+                f"({len(missing)} of {len(items)} training images have no mask in {self.masks_dir})"
+            )
+        self.items = items
+        self.image_size = image_size
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        p = self.items[i]
+        img = to_tensor(read_rgb(p))
+        mask = torch.from_numpy(read_mask(self.masks_dir / p.name).astype(np.int64))
+        if mask.shape != img.shape[-2:]:
+            raise DataError(
+                f"{self.masks_dir / p.name}: mask is {tuple(mask.shape)} but image {p} is {tuple(img.shape[-2:])}"
+            )
+        img = resize_image(img, self.image_size)
+        if self.image_size and mask.shape[-1] != self.image_size:
+            mask = F.interpolate(mask[None, None].float(), size=(self.image_size,) * 2, mode="nearest")[0, 0].long()
+        if self.augment:
+            t = random_dihedral(item_generator(self.seed, self.epoch, i))
+            img, mask = dihedral(img, *t), dihedral(mask, *t)
+        return {"image": img.contiguous(), "mask": mask.contiguous(), "name": p.name}

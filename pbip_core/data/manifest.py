@@ -1,12 +1,10 @@
-"""The data manifest: where every dataset and pretrained weight comes from (``data_manifest.yaml``).
+"""The data manifest: where every dataset and pretrained weight comes from (``pbip_core/data/manifest.yaml``).
 
-The YAML file sits at the repository root, next to the package; its header documents the fields.
+The YAML file ships inside the package (package data); its header documents the fields. ``pbip data list`` prints it.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +12,14 @@ import yaml
 
 from ..errors import DataError, WeightsError
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "data_manifest.yaml"
+MANIFEST_PATH = Path(__file__).with_name("manifest.yaml")
 
 
 def load_manifest(path: str | Path | None = None) -> dict[str, Any]:
-    """``{"datasets": {name: entry}, "weights": {name: entry}}`` from ``data_manifest.yaml``."""
+    """``{"datasets": {name: entry}, "weights": {name: entry}}`` from ``pbip_core/data/manifest.yaml``."""
     p = Path(path) if path is not None else MANIFEST_PATH
     if not p.is_file():
-        raise DataError(f"{p}: data manifest not found (it ships at the repository root next to pbip_core/)")
+        raise DataError(f"{p}: data manifest not found (it ships inside the package: reinstall pbip-core)")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -44,14 +42,3 @@ def weights_entry(name: str, manifest: dict[str, Any] | None = None) -> dict[str
     if name not in m["weights"]:
         raise WeightsError(f"unknown weights {name!r}; the manifest lists {', '.join(m['weights'])}")
     return m["weights"][name]
-
-
-def weights_env_var(name: str) -> str:
-    """``'pathmnist-densenet121'`` -> ``'PBIP_WEIGHTS_PATHMNIST_DENSENET121'``."""
-    return "PBIP_WEIGHTS_" + re.sub(r"[^A-Za-z0-9]+", "_", name).upper().strip("_")
-
-
-def weights_local_dir(name: str) -> Path | None:
-    """The local directory given by ``PBIP_WEIGHTS_<NAME>``, if set (its existence is the caller's check)."""
-    value = os.environ.get(weights_env_var(name))
-    return Path(value).expanduser() if value else None

@@ -49,18 +49,21 @@ prototype clusters (sec. 3.2) recover. Every tile has its own ``numpy`` generato
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
+import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
+from PIL import Image
 from scipy import fft as sfft
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from ..errors import PBIPError
 from ..io import atomic_path, atomic_write_text, save_png
@@ -404,6 +407,71 @@ def _layout(rng: np.random.Generator, size: int, n_regions: int, white_share: fl
     return region
 
 
+def _draw_classes(rng: np.random.Generator, white_share: float | None) -> tuple[list[str], float | None]:
+    """Classes of a tile drawn from the dataset's mix (a few single-class tiles are mostly white glass)."""
+    if rng.random() < P_MOSTLY_WHITE:
+        n, white_share = 1, rng.uniform(0.62, 0.85) if white_share is None else white_share
+    else:
+        n = int(rng.choice([1, 2, 3], p=N_CLASSES_P))
+    return [CLASSES[i] for i in sorted(rng.choice(len(CLASSES), n, replace=False, p=CLASS_WEIGHTS))], white_share
+
+
+def _draw_styles(rng: np.random.Generator, classes: Sequence[str], styles: dict[str, str] | None) -> dict[str, str]:
+    """Class -> sub-style: the given ones (checked), the others drawn uniformly."""
+    styles = dict(styles or {})
+    for c in classes:
+        if c not in styles:
+            styles[c] = str(rng.choice(list(STYLES[c])))
+        elif styles[c] not in STYLES[c]:
+            raise PBIPError(f"render_tile: unknown sub-style {styles[c]!r} for {c}; choose from {list(STYLES[c])}")
+    return styles
+
+
+def _label_mask(rng: np.random.Generator, size: int, classes: Sequence[str], white_share: float,
+                min_area_share: float) -> tuple[np.ndarray, list[int]]:
+    """The tile's class-index mask (4 = glass) and its present classes; classes below ``min_area_share`` are merged
+    into their nearest remaining class, so the label equals the classes in the mask."""
+    region = _layout(rng, size, len(classes), float(white_share))
+    idx = np.array([CLASSES.index(c) for c in classes])
+    mask = np.where(region >= 0, idx[np.clip(region, 0, None)], BACKGROUND_INDEX).astype(np.uint8)
+    shares = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1) / mask.size
+    small = [i for i in idx if shares[i] < min_area_share]
+    keep = [i for i in idx if shares[i] >= min_area_share]
+    if small and keep:
+        tissue_ok = np.isin(mask, keep)
+        _, (ir, ic) = ndimage.distance_transform_edt(~tissue_ok, return_indices=True)
+        fill = np.isin(mask, small)
+        mask[fill] = mask[ir[fill], ic[fill]]
+    elif small:  # every class is tiny: the tile is glass with a little tissue; keep the largest class
+        top = idx[np.argmax(shares[idx])]
+        mask[(mask != BACKGROUND_INDEX)] = top
+        keep = [top]
+    return mask, sorted(set(int(i) for i in keep))
+
+
+def _stain_image(rng: np.random.Generator, size: int, mask: np.ndarray, present: Sequence[int],
+                 styles: dict[str, str]) -> np.ndarray:
+    """RGB (size, size, 3) uint8: each class's stain concentrations composited through the mask (OD is additive, so
+    compositing concentrations is exact), slide-level stain vectors and gain, Beer-Lambert to colour."""
+    sc = size / REFERENCE_SIZE
+    c_h = np.zeros((size, size), np.float32)
+    c_e = np.zeros((size, size), np.float32)
+    for i in present:
+        h, e = render_class(rng, size, CLASSES[i], styles[CLASSES[i]])
+        sel = mask == i
+        c_h[sel], c_e[sel] = h[sel], e[sel]
+    glass = mask == BACKGROUND_INDEX
+    c_e[glass] = 0.02 * np.clip(smooth_noise(rng, size, 4 * sc), 0, None)[glass]   # faint debris on glass
+    stains = _stain_vectors(rng).astype(np.float32)                                 # slide-level variation
+    gain = rng.uniform(0.85, 1.15)
+    c_h = ndimage.gaussian_filter(c_h, 0.5 * sc)   # optical blur
+    c_e = ndimage.gaussian_filter(c_e, 0.5 * sc)
+    od = gain * (c_h[..., None] * stains[0] + c_e[..., None] * stains[1])
+    od += rng.uniform(0.02, 0.05) + 0.004 * smooth_noise(rng, size, 0.6)[..., None]  # glass 240-250, faint noise
+    rgb = 255.0 * np.exp(-od) + 1.5 * smooth_noise(rng, size, 0.5)[..., None]
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
 def render_tile(rng: np.random.Generator, size: int = 224, classes: Sequence[str] | None = None,
                 styles: dict[str, str] | None = None, white_share: float | None = None,
                 min_area_share: float = MIN_AREA_SHARE) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -423,61 +491,15 @@ def render_tile(rng: np.random.Generator, size: int = 224, classes: Sequence[str
         (class -> sub-style, present classes), ``shares`` (class -> area share), ``background_share``.
     """
     if classes is None:
-        if rng.random() < P_MOSTLY_WHITE:
-            n, white_share = 1, rng.uniform(0.62, 0.85) if white_share is None else white_share
-        else:
-            n = int(rng.choice([1, 2, 3], p=N_CLASSES_P))
-        classes = [CLASSES[i] for i in sorted(rng.choice(len(CLASSES), n, replace=False, p=CLASS_WEIGHTS))]
+        classes, white_share = _draw_classes(rng, white_share)
     unknown = [c for c in classes if c not in CLASSES]
     if unknown or not classes:
         raise PBIPError(f"render_tile: classes must be a non-empty subset of {list(CLASSES)}, got {list(classes)}")
     if white_share is None:
         white_share = rng.uniform(0.05, 0.40) if rng.random() < P_WHITE else 0.0
-    styles = dict(styles or {})
-    for c in classes:
-        if c not in styles:
-            styles[c] = str(rng.choice(list(STYLES[c])))
-        elif styles[c] not in STYLES[c]:
-            raise PBIPError(f"render_tile: unknown sub-style {styles[c]!r} for {c}; choose from {list(STYLES[c])}")
-
-    region = _layout(rng, size, len(classes), float(white_share))
-    idx = np.array([CLASSES.index(c) for c in classes])
-    mask = np.where(region >= 0, idx[np.clip(region, 0, None)], BACKGROUND_INDEX).astype(np.uint8)
-    # merge classes below the area threshold into their nearest remaining class, so label == classes in the mask
-    shares = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1) / mask.size
-    small = [i for i in idx if shares[i] < min_area_share]
-    keep = [i for i in idx if shares[i] >= min_area_share]
-    if small and keep:
-        tissue_ok = np.isin(mask, keep)
-        _, (ir, ic) = ndimage.distance_transform_edt(~tissue_ok, return_indices=True)
-        fill = np.isin(mask, small)
-        mask[fill] = mask[ir[fill], ic[fill]]
-    elif small:  # every class is tiny: the tile is glass with a little tissue; keep the largest class
-        top = idx[np.argmax(shares[idx])]
-        mask[(mask != BACKGROUND_INDEX)] = top
-        keep = [top]
-    present = sorted(set(int(i) for i in keep))
-
-    # stains, composited through the mask (OD is additive, so compositing concentrations is exact)
-    sc = size / REFERENCE_SIZE
-    c_h = np.zeros((size, size), np.float32)
-    c_e = np.zeros((size, size), np.float32)
-    for i in present:
-        h, e = render_class(rng, size, CLASSES[i], styles[CLASSES[i]])
-        sel = mask == i
-        c_h[sel], c_e[sel] = h[sel], e[sel]
-    glass = mask == BACKGROUND_INDEX
-    c_e[glass] = 0.02 * np.clip(smooth_noise(rng, size, 4 * sc), 0, None)[glass]   # faint debris on glass
-    # slide-level variation: stain vectors and overall intensity
-    stains = _stain_vectors(rng).astype(np.float32)
-    gain = rng.uniform(0.85, 1.15)
-    c_h = ndimage.gaussian_filter(c_h, 0.5 * sc)   # optical blur
-    c_e = ndimage.gaussian_filter(c_e, 0.5 * sc)
-    od = gain * (c_h[..., None] * stains[0] + c_e[..., None] * stains[1])
-    od += rng.uniform(0.02, 0.05) + 0.004 * smooth_noise(rng, size, 0.6)[..., None]  # glass 240-250, faint noise
-    rgb = 255.0 * np.exp(-od) + 1.5 * smooth_noise(rng, size, 0.5)[..., None]
-    rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
-
+    styles = _draw_styles(rng, classes, styles)
+    mask, present = _label_mask(rng, size, classes, float(white_share), min_area_share)
+    rgb = _stain_image(rng, size, mask, present, styles)
     counts = np.bincount(mask.ravel(), minlength=BACKGROUND_INDEX + 1) / mask.size
     names = [CLASSES[i] for i in present]
     meta = {
@@ -514,8 +536,6 @@ def label_string(label: Sequence[int]) -> str:
 
 def _save_rgb(rgb: np.ndarray, path: Path) -> None:
     """Atomic RGB PNG at zlib level 1: 4x faster than PIL's default for noisy tiles, ~4 % larger."""
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG", compress_level=1)
 
@@ -587,12 +607,8 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, n_train: int = 100
 
     jobs = [(split, i, int(seed), int(size), str(out)) for split, n in counts.items() for i in range(n)]
     workers = workers or (os.cpu_count() or 1)
-    from tqdm.auto import tqdm
-
     bar = dict(total=len(jobs), desc="pbip synth", unit="tile", disable=not progress)
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
         with mp.get_context("fork" if os.name == "posix" else "spawn").Pool(min(workers, len(jobs))) as pool:
             rows = list(tqdm(pool.imap(_tile_job, jobs, chunksize=8), **bar))
     else:
@@ -609,8 +625,6 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, n_train: int = 100
 
 def dataset_yaml(seed: int, size: int, counts: dict[str, int]) -> str:
     """Text of ``dataset.yaml`` (DESIGN.md keys first, then description and generator settings)."""
-    import yaml
-
     doc = {
         "name": "synth",
         "classes": list(CLASSES),
@@ -631,19 +645,3 @@ def dataset_yaml(seed: int, size: int, counts: dict[str, int]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: pbip synth
 # ----------------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    p.add_argument("--size", type=int, default=224, help="tile side in pixels (>= 32)")
-    p.add_argument("--n-train", type=int, default=1000, help="training tiles (image-level labels)")
-    p.add_argument("--n-val", type=int, default=100, help="validation tiles (with masks)")
-    p.add_argument("--n-test", type=int, default=200, help="test tiles (with masks)")
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all CPU cores); output does not depend on it")
-    p.add_argument("--overwrite", action="store_true", help="replace a folder previously written by pbip synth")
-
-
-def main(args: argparse.Namespace) -> int:
-    out = generate(args.out, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
-                   n_test=args.n_test, workers=args.workers, overwrite=args.overwrite)
-    print(f"wrote {args.n_train} train, {args.n_val} val, {args.n_test} test tiles to {out}")
-    return 0

@@ -1,0 +1,248 @@
+"""The book: run the chapter notebooks with papermill, then build the HTML with Jupyter Book 1.x.
+
+``pbip book [--profile smoke|demo|paper] [--chapters 01,02] [--no-html] [--out-dir DIR]``
+
+1. Each chapter notebook ``book/NN_*.ipynb`` is executed **in place** by papermill (cwd ``book/``), in
+   dependency order (:data:`CHAPTERS`), with the parameters ``profile`` and ``out_dir`` injected. The
+   notebook is written to a temporary name and renamed over the chapter only when every cell ran, so a failing
+   chapter leaves the committed notebook untouched; its partial output goes to ``_build/failed/``.
+2. papermill's ``injected-parameters`` cell is tagged ``remove-cell`` (hidden in the HTML).
+3. ``jupyter-book build .`` (book root = repository root, ``execute_notebooks: off``).
+
+Offline pages. Built pages load require.js, the ipywidgets HTML manager and MathJax: :mod:`pbip_core.book.vendor`,
+a Sphinx extension (``_config.yml``: ``sphinx: extra_extensions: [pbip_core.book.vendor]``): at ``config-inited`` it
+fetches pinned copies of those files from the npm registry with ``npm pack`` into ``book/_static/vendor/``
+(a cache, not committed), points ``mathjax_path`` and myst-nb's ``nb_ipywidgets_js`` at them and copies them
+into ``_build/html/_static/vendor/``. If npm cannot reach the registry the build warns and keeps the CDN URLs.
+``PBIP_BOOK_CDN=1`` forces the CDN; ``PBIP_VENDOR_DIR`` moves the cache.
+
+Chapters call :func:`chapter_setup` right after their parameters cell to turn the parameters into paths and
+a :class:`~pbip_core.config.Config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import nbformat
+import papermill as pm
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from papermill.exceptions import PapermillExecutionError
+
+from ..errors import ConfigError, PBIPError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapters and their dependencies
+# ---------------------------------------------------------------------------------------------------------------
+CHAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "01": ("01_data.ipynb", ()),
+    "02": ("02_image_bank.ipynb", ("01",)),
+    "03": ("03_similarity_masks.ipynb", ("02",)),
+    "04": ("04_adaptive_threshold.ipynb", ("03",)),
+    "05": ("05_contrastive_training.ipynb", ("02",)),
+    "06": ("06_stage2.ipynb", ("05",)),
+    "07": ("07_ablations.ipynb", ("05",)),
+    "08": ("08_zero_shot.ipynb", ("02",)),
+    "09": ("09_paper_vs_code.ipynb", ("05", "07")),
+}
+
+
+def chapter_order(selected: Iterable[str] | None = None, with_deps: bool = True) -> list[str]:
+    """Chapter ids in an order where every chapter comes after the chapters it depends on.
+
+    ``selected`` (ids like ``"01"`` or ``"1"``) limits the run; with ``with_deps`` their dependencies are added.
+    """
+    wanted = list(CHAPTERS) if selected is None else [_chapter_id(c) for c in selected]
+    order: list[str] = []
+
+    def visit(ch: str, stack: tuple[str, ...]) -> None:
+        if ch in order:
+            return
+        if ch in stack:
+            raise ConfigError(f"chapter dependency cycle: {' -> '.join(stack + (ch,))}")
+        if with_deps:
+            for dep in CHAPTERS[ch][1]:
+                visit(dep, stack + (ch,))
+        order.append(ch)
+
+    for ch in sorted(wanted):
+        visit(ch, ())
+    return order
+
+
+def _chapter_id(c: str) -> str:
+    c = str(c).strip()
+    cid = c.zfill(2) if c.isdigit() else c[:2]
+    if cid not in CHAPTERS:
+        raise ConfigError(f"unknown chapter {c!r}; chapters are {', '.join(CHAPTERS)}")
+    return cid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Executing chapters
+# ---------------------------------------------------------------------------------------------------------------
+INJECTED_TAG = "injected-parameters"
+
+
+HIDE_TAG = "remove-cell"
+
+
+def kernel_for_this_python(tmp: Path) -> str:
+    """Name of a kernelspec that runs this interpreter; returns ``"python3"``.
+
+    ``make setup`` installs a ``python3`` kernelspec into the venv (``ipykernel install --sys-prefix``). When it is
+    missing, or when ``python3`` resolves to another interpreter (a system-wide kernelspec), a ``python3``
+    kernelspec for ``sys.executable`` is written to ``tmp`` and put first on ``JUPYTER_PATH``.
+    """
+    try:
+        argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    except NoSuchKernel:
+        argv0 = ""
+    if argv0 and argv0 != "python" and Path(shutil.which(argv0) or argv0).resolve() == Path(sys.executable).resolve():
+        return "python3"
+    spec_dir = tmp / "kernels" / "python3"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (pbip)", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(tmp), *filter(None, [os.environ.get("JUPYTER_PATH")])])
+    return "python3"
+
+
+def hide_injected_parameters(nb: Any) -> int:
+    """Tag papermill's ``injected-parameters`` cell(s) ``remove-cell`` so the HTML hides them; returns the count."""
+    n = 0
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INJECTED_TAG in tags and HIDE_TAG not in tags:
+            cell.metadata["tags"] = [*tags, HIDE_TAG]
+            n += 1
+    return n
+
+
+def strip_outputs(nb: Any) -> Any:
+    """Remove outputs, execution counts, papermill metadata, widget state and the injected cell (for commits)."""
+    nb.cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.metadata.get("tags") == []:
+            cell.metadata.pop("tags")
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    for key in ("papermill", "widgets"):
+        nb.metadata.pop(key, None)
+    if "language_info" in nb.metadata:  # the kernel's version details change from machine to machine
+        nb.metadata["language_info"] = {k: v for k, v in nb.metadata["language_info"].items()
+                                        if k in ("name", "pygments_lexer")}
+    return nb
+
+
+def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], kernel_name: str,
+                    failed_dir: Path, log_output: bool = False, cell_timeout: float | None = None) -> float:
+    """Run one chapter in place with papermill; returns the wall time in seconds.
+
+    Raises :class:`PBIPError` naming the chapter and the failing cell; the partial notebook is kept in
+    ``failed_dir`` and the chapter's notebook is left as it was.
+    """
+    nb_path = book_dir / CHAPTERS[chapter][0]
+    if not nb_path.is_file():
+        raise PBIPError(f"{nb_path}: chapter {chapter} notebook not found")
+    tmp = nb_path.with_name(f".{nb_path.stem}.running.ipynb")
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(nb_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
+                            cwd=str(book_dir), progress_bar=False, log_output=log_output,
+                            execution_timeout=cell_timeout,
+                            # the kernel's own log (e.g. "running over TCP without encryption") is noise here
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    except PapermillExecutionError as e:
+        kept = _keep_failed(tmp, failed_dir / nb_path.name)
+        first = (e.source or "").strip().splitlines()[:1]
+        raise PBIPError(
+            f"chapter {chapter} ({nb_path.name}) failed in cell {e.cell_index} "
+            f"[In {e.exec_count}] {first[0] if first else ''!r}: {e.ename}: {e.evalue} "
+            f"(executed notebook with the traceback: {kept})"
+        ) from None
+    except Exception as e:  # a dead kernel, a cell timeout, a missing kernelspec
+        kept = _keep_failed(tmp, failed_dir / nb_path.name)
+        raise PBIPError(f"chapter {chapter} ({nb_path.name}) could not be executed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                        + (f" (partial notebook: {kept})" if kept else "")) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    nb = nbformat.read(tmp, as_version=4)
+    hide_injected_parameters(nb)
+    nbformat.write(nb, tmp)
+    os.replace(tmp, nb_path)
+    return time.perf_counter() - t0
+
+
+def _keep_failed(tmp: Path, dest: Path) -> Path | None:
+    if not tmp.exists():
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(tmp), dest)
+    return dest
+
+
+def run_chapters(book_root: Path, chapters: Sequence[str], profile: str, out_dir: Path | None = None,
+                 extra_parameters: dict[str, Any] | None = None, log_output: bool = False) -> dict[str, float]:
+    """Execute ``chapters`` (already ordered) in place; print one progress line per chapter; return wall times."""
+    book_dir = book_root / "book"
+    out = (out_dir or book_root / "results" / "book" / profile).resolve()
+    params = {"profile": profile, "out_dir": os.path.relpath(out, book_dir), **(extra_parameters or {})}
+    times: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="pbip-kernel-") as tmp:
+        old_path = os.environ.get("JUPYTER_PATH")
+        kernel = kernel_for_this_python(Path(tmp))
+        try:
+            for i, ch in enumerate(chapters, 1):
+                name = CHAPTERS[ch][0]
+                print(f"[{i}/{len(chapters)}] chapter {ch} {name} (profile {profile}) ...", flush=True)
+                times[ch] = execute_chapter(ch, book_dir, params, kernel, book_root / "_build" / "failed",
+                                            log_output=log_output)
+                print(f"[{i}/{len(chapters)}] chapter {ch} done in {times[ch]:.1f} s", flush=True)
+        finally:
+            if old_path is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old_path
+    return times
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------------------------
+def build_html(book_root: Path, path_output: Path | None = None, strict: bool = False,
+               quiet: bool = True) -> Path:
+    """``jupyter-book build`` the book root; returns the HTML folder. ``strict`` = ``-W`` (warnings are errors)."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jupyter_book.cli.main"]
+    cmd += ["build", str(book_root)]
+    if path_output is not None:
+        cmd += ["--path-output", str(path_output)]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    if quiet:
+        cmd += ["-q"]
+    proc = subprocess.run(cmd, cwd=book_root, text=True, capture_output=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
+        raise PBIPError(f"jupyter-book build {book_root} failed (exit {proc.returncode}):\n{tail}")
+    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    for line in warnings[:20]:
+        print(line, file=sys.stderr)
+    if len(warnings) > 20:
+        print(f"... and {len(warnings) - 20} more warnings", file=sys.stderr)
+    return (path_output or book_root) / "_build" / "html"

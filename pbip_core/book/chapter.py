@@ -1,0 +1,138 @@
+"""What a chapter sees: its parameters cell resolved into paths and a configuration, and small batch helpers.
+
+Chapters call :func:`chapter_setup` right after their parameters cell (``profile``, ``dataset``, ``encoder``,
+``seeds``, ``out_dir``) and :func:`ensure_dataset` to make the built-in dataset when none is given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import make_config
+from ..data import SegDataset
+from ..data.manifest import dataset_entry
+from ..data.synth import generate
+from ..errors import DataError
+from ..method.pseudo import gt_present
+
+SYNTH_SIZES: dict[str, dict[str, int]] = {
+    "smoke": {"size": 64, "n_train": 48, "n_val": 8, "n_test": 8},
+    "demo": {"size": 128, "n_train": 600, "n_val": 60, "n_test": 100},
+    "paper": {"size": 224, "n_train": 1000, "n_val": 100, "n_test": 200},
+}
+
+
+DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "demo": (0,), "paper": (0, 1, 2)}
+
+
+@dataclass
+class Chapter:
+    """A chapter's resolved parameters (absolute paths)."""
+
+    profile: str
+    cfg: Any  # pbip_core.config.Config
+    dataset: Path
+    encoder: str
+    seeds: tuple[int, ...]
+    out_dir: Path
+    synthetic: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line with the resolved parameters (paths relative to the working directory when close by)."""
+        return (f"profile={self.profile} dataset={_short(self.dataset)} encoder={self.encoder} "
+                f"seeds={list(self.seeds)} out_dir={_short(self.out_dir)}")
+
+
+def _short(path: Path) -> str:
+    rel = os.path.relpath(path, Path.cwd())
+    return str(path) if rel.startswith(os.path.join("..", "..")) else rel
+
+
+def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: str | None = None,
+                  seeds: Sequence[int] | None = None, out_dir: str | None = None,
+                  overrides: Sequence[str] | dict[str, Any] | None = None) -> Chapter:
+    """Resolve a chapter's parameters cell.
+
+    ``None`` means "the profile's default": ``out_dir`` -> ``../results/book/<profile>`` (relative to ``book/``,
+    i.e. ``results/book/<profile>`` in the repository), ``dataset`` -> the synthetic dataset
+    ``<out_dir>/synth`` for smoke/demo (generate it with :func:`ensure_synth`) and the manifest's BCSS-WSSS
+    folder for ``paper``; ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`.
+    """
+    cfg = make_config(profile, overrides=overrides)
+    out = Path(out_dir) if out_dir else Path("..") / "results" / "book" / profile
+    out = out.resolve()
+    synthetic = dataset is None and profile != "paper"
+    if dataset is None:
+        dataset_path = out / "synth" if synthetic else _manifest_dir("bcss-wsss")
+    else:
+        dataset_path = Path(dataset).resolve()
+    cfg.data.root = str(dataset_path)
+    if encoder:
+        cfg.bank.encoder = str(encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    return Chapter(profile=profile, cfg=cfg, dataset=dataset_path, encoder=cfg.bank.encoder,
+                   seeds=tuple(int(s) for s in (seeds if seeds is not None else DEFAULT_SEEDS[profile])),
+                   out_dir=out, synthetic=synthetic)
+
+
+def _manifest_dir(name: str) -> Path:
+    local = dataset_entry(name).get("local_dir") or f"data/{name}"
+    return (repo_root() / local).resolve()
+
+
+def ensure_synth(ch: Chapter, seed: int = 0) -> Path:
+    """Generate the profile's synthetic dataset into ``ch.dataset`` unless a complete one is there."""
+    if (ch.dataset / "dataset.yaml").is_file():
+        return ch.dataset
+    if not ch.synthetic:
+        raise DataError(f"{ch.dataset}: dataset folder not found (see `pbip data list` for how to get it)")
+    return generate(ch.dataset, seed=seed, **SYNTH_SIZES[ch.profile], workers=0, overwrite=True)
+
+
+def repo_root() -> Path:
+    """The book root: the folder holding ``_config.yml`` (the repository root)."""
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent):
+        if (base / "_config.yml").is_file() and (base / "_toc.yml").is_file():
+            return base
+    return Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def val_batch(data_root: str | Path, split: str, image_size: int, n: int, start: int = 0
+              ) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
+    """``n`` images of a split from index ``start``, resized to ``image_size``.
+
+    Returns x (B, 3, S, S) in [0, 1], the GT masks (S, S) resized with nearest neighbours (so they line up with
+    the maps), and the file names.
+    """
+    ds = SegDataset(data_root, split, image_size=image_size)
+    if len(ds) == 0:
+        raise DataError(f"{data_root}/{split}: no images")
+    items = [ds[i] for i in range(min(start, len(ds) - 1), min(start + n, len(ds)))]
+    x = torch.stack([it["image"] for it in items])
+    masks = [F.interpolate(it["mask"][None, None].float(), size=tuple(x.shape[-2:]), mode="nearest")[0, 0]
+             .to(torch.uint8).numpy() for it in items]
+    return x, masks, [it["name"] for it in items]
+
+
+def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
+    """Images (B, 3, H, W) in [0, 1] -> list of (H, W, 3) uint8 arrays (for plotting)."""
+    return list((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def present_classes(masks: Sequence[np.ndarray], n_classes: int) -> torch.Tensor:
+    """Classes in each GT mask (background ignored): (B, N) bool."""
+    return torch.stack([gt_present(m, n_classes) for m in masks])
+
+
+def largest_class(mask: np.ndarray, n_classes: int) -> int:
+    """The tissue class with the most pixels in a GT mask (background ignored)."""
+    return int(np.bincount(np.asarray(mask).ravel().astype(np.int64), minlength=n_classes + 1)[:n_classes].argmax())

@@ -1,0 +1,169 @@
+"""The runs behind the chapters: run (or reuse) a book grid, find its run folders, read their histories and masks.
+
+A chapter's experiments are a grid of :mod:`pbip_core.experiments.grid` in ``grids/book/`` (the same dialect as every
+grid: ``extends`` and per-profile ``profiles`` blocks), resolved for the chapter's profile, dataset and encoder.
+:func:`run_book_grid` writes the resolved grid to ``<out_dir>/grids/<name>.yaml`` (rerun it with
+``pbip run <that file> --results <out_dir>/experiments``) and runs what is not done yet. Runs are cached by content
+hash under ``<out_dir>/experiments/runs/<hash>``, so two chapters asking for the same runs train them once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import list_pairs, load_info, resize_image, to_tensor
+from ..engine.checkpoint import load_classnet
+from ..errors import DataError, PBIPError
+from ..experiments.grid import Grid, load_grid, plan, write_grid
+from ..experiments.runner import run_grid
+from ..io import read_mask, read_rgb
+from ..method.model import match_masks
+
+#: The book grid whose baseline is the shared stage-1 run of chapters 02-05 and the ablations' unchanged row.
+SHARED_RUN_GRID = "book-ablation"
+
+
+def book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, variants: Sequence[str] | None = None) -> Grid:
+    """Book grid ``name`` resolved for chapter ``ch`` (a :class:`~pbip_core.book.chapter.Chapter`): its profile,
+    dataset and encoder; ``seeds`` replaces the profile's seeds, ``variants`` keeps only those."""
+    return load_grid(name, ch.profile, ch.dataset, ch.encoder, seeds, variants)
+
+
+def results_dir(ch: Any) -> Path:
+    """Where the chapters' runs and result tables live: ``<out_dir>/experiments``."""
+    return Path(ch.out_dir) / "experiments"
+
+
+def run_book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, variants: Sequence[str] | None = None,
+                  allow_failed: bool = False) -> pd.DataFrame:
+    """Run (or load from the cache) book grid ``name`` for chapter ``ch``; return its rows of the results table.
+
+    Runs one at a time (``jobs=1``). A failed run raises :class:`PBIPError` with its reason unless ``allow_failed``.
+    The returned frame carries the grid in ``df.attrs["grid"]``.
+    """
+    grid = book_grid(name, ch, seeds, variants)
+    out = results_dir(ch)
+    write_grid(grid, Path(ch.out_dir) / "grids" / f"{grid.name}.yaml")
+    df = run_grid(grid, out, jobs=1)
+    bad = df[df["status"] != "ok"] if len(df) else df
+    if len(bad) and not allow_failed:
+        first = bad.iloc[0]
+        raise PBIPError(f"grid {grid.name}: {len(bad)} run(s) failed, e.g. {first['method']}/{first['variant']} "
+                        f"seed {first['seed']}: {first['error']} (run folder {out / 'runs' / str(first['hash'])})")
+    if len(df):  # the aliases of the current plan (the table keeps those of the grid that first ran the run)
+        aliases = {s.hash: " ".join(s.aliases) for s in plan(grid, quiet=True)}
+        df["aliases"] = [aliases.get(str(h), "") for h in df["hash"]]
+    df.attrs["grid"] = grid
+    return df
+
+
+def run_dir(df_row: Mapping[str, Any], ch: Any) -> Path:
+    """The run folder of one row of a results table."""
+    return results_dir(ch) / "runs" / str(df_row["hash"])
+
+
+def shared_run_grid(ch: Any, seed: int | None = None) -> Grid:
+    """The one-run grid of the book's shared stage-1 run: the unchanged variant (no overrides) of
+    ``grids/book/book-ablation.yaml`` for the chapter's profile and one seed (default: its first)."""
+    grid = book_grid(SHARED_RUN_GRID, ch, seeds=[int(ch.seeds[0] if seed is None else seed)])
+    grid.variants = {k: v for k, v in grid.variants.items() if not v}
+    return grid
+
+
+def stage1_run(ch: Any, seed: int | None = None) -> Path:
+    """The stage-1 run folder (``.../runs/<hash>/stage1``) of the book's shared run (:func:`shared_run_grid`),
+    trained now if not cached: chapters 02-05 and the ablations of chapters 07 and 09 use this one run."""
+    df = run_grid(shared_run_grid(ch, seed), results_dir(ch), jobs=1)
+    row = df.iloc[0]
+    if row["status"] != "ok":
+        raise DataError(f"{run_dir(row, ch)}: the stage-1 run failed: {row.get('error', '')}")
+    return run_dir(row, ch) / "stage1"
+
+
+# ---------------------------------------------------------------------------------------------------- histories
+def load_history(run: str | Path) -> dict[str, Any]:
+    """``stage1/history.json`` of a run folder: ``{"steps": [...], "epochs": [...]}``."""
+    path = Path(run) / "stage1" / "history.json"
+    if not path.is_file():
+        raise PBIPError(f"{path}: no training history (is the run finished?)")
+    return json.loads(path.read_text())
+
+
+def step_frame(df: pd.DataFrame, ch: Any, label: str = "method") -> pd.DataFrame:
+    """Per-step loss terms of every run of ``df``: columns label, seed, epoch, step, lr, total, cls, fgs, bgs, sim."""
+    frames = []
+    for _, row in df.iterrows():
+        steps = pd.DataFrame(load_history(run_dir(row, ch))["steps"])
+        frames.append(steps.assign(**{label: row[label], "seed": row["seed"]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def epoch_frame(df: pd.DataFrame, ch: Any, label: str = "method") -> pd.DataFrame:
+    """Per-epoch records (seconds, val_miou, ...) of every run of ``df``, without the confusion matrices."""
+    frames = []
+    for _, row in df.iterrows():
+        ep = pd.DataFrame(load_history(run_dir(row, ch))["epochs"])
+        ep = ep.drop(columns=[c for c in ep.columns if c.endswith("confusion")])
+        frames.append(ep.assign(**{label: row[label], "seed": row["seed"]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def train_seconds(df: pd.DataFrame, ch: Any, key: str = "variant") -> pd.Series:
+    """Mean stage-1 training time (seconds, sum over epochs from ``history.json``) per ``key``.
+
+    (The table's ``wall_time_s`` is the time of the last execution, which for a run shared with another grid is only
+    its re-scoring.)"""
+    secs = [sum(e["seconds"] for e in load_history(run_dir(r, ch))["epochs"]) for _, r in df.iterrows()]
+    return pd.Series(secs, index=df.index).groupby(df[key], sort=False).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+def pick_images(ch: Any, split: str = "val", n: int = 4) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The first ``n`` images of a val/test split that hold at least two classes (else the first ``n``):
+    file names, RGB images and ground-truth masks."""
+    info = load_info(ch.dataset)
+    pairs = list_pairs(ch.dataset, split)
+    masks = {i: read_mask(m) for i, (_, m) in enumerate(pairs[: 20 * n])}
+    rich = [i for i, m in masks.items() if len(set(np.unique(m)) - {info.background_index}) >= 2]
+    chosen = (rich + [i for i in masks if i not in rich])[:n]
+    return ([pairs[i][0].name for i in chosen], [read_rgb(pairs[i][0]) for i in chosen],
+            [masks[i] for i in chosen])
+
+
+def masks_of(df: pd.DataFrame, ch: Any, names: Sequence[str], split: str = "val", label: str = "method",
+             seed: int | None = None, folder: str | None = None) -> dict[str, list[np.ndarray]]:
+    """Masks written by the runs of ``df`` for the images ``names``: label -> list of (H, W) arrays.
+
+    ``folder`` defaults to the stage-1 pseudo masks ``pseudo_<split>``; ``stage2/pred_test`` holds stage-2
+    predictions. One run per label: the given ``seed``, else the smallest.
+    """
+    folder = folder or f"pseudo_{split}"
+    out: dict[str, list[np.ndarray]] = {}
+    for lab, g in df.groupby(label, sort=False):
+        g = g[g["seed"] == seed] if seed is not None else g[g["seed"] == g["seed"].min()]
+        if len(g):
+            out[str(lab)] = [read_mask(run_dir(g.iloc[0], ch) / folder / n) for n in names]
+    return out
+
+
+def foreground_images(run: str | Path, image: np.ndarray, classes: Sequence[int]
+                      ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Eq. 3-5 with a trained stage-1 model: per class of ``classes``, the refined map M (eq. 3, min-max scaled to
+    [0, 1]) and the foreground image X_FG = b * M * X (eq. 4-5; b = 1 without the adaptive threshold).
+
+    ``run``: a run folder (its ``stage1`` holds the checkpoint); ``image``: (H, W, 3) uint8. Returns two dicts
+    class -> (h, w) map in [0, 1] and class -> (h, w, 3) uint8 image, at the model's input size.
+    """
+    net, cfg = load_classnet(Path(run) / "stage1")
+    x = resize_image(to_tensor(image), cfg.data.image_size)[None]
+    with torch.no_grad():                                                            # eq. 3-5 of the run's config
+        mm = match_masks(net(x).maps, tuple(x.shape[-2:]), cfg.model.delta, cfg.model.at, cfg.model.threshold_scope)
+    maps = {c: mm.m[0, c].numpy() for c in classes}
+    xs = {c: (255 * (x[0] * mm.fg[0, c]).permute(1, 2, 0).clamp(0, 1).numpy()).astype(np.uint8) for c in classes}
+    return maps, xs

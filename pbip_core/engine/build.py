@@ -1,0 +1,63 @@
+"""Models from a configuration: the one place where a :class:`~pbip_core.config.Config` becomes networks."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..data import DatasetInfo, load_info
+from ..errors import DataError, PBIPError
+from ..method.bank import PrototypeBank
+from ..method.model import PBIP, ClassNet, ImgMatchNet
+from ..nets.backbones import get_backbone
+from ..nets.encoders import ImageEncoder, get_encoder
+from .bank import load_bank
+from .step import encode_chunked
+
+
+def build_classnet(model_cfg: Any, prototypes: torch.Tensor, backbone: nn.Module | None = None,
+                   pretrained: bool | None = None) -> ClassNet:
+    """ClassNet of ``model_cfg`` (a :class:`~pbip_core.config.ModelConfig`) on prototypes P (N, K, d).
+
+    ``backbone`` defaults to ``model_cfg.backbone`` with pretrained weights when ``model_cfg.pretrained`` (or
+    ``pretrained`` when given: a checkpoint about to be loaded needs no pretrained weights).
+    """
+    mc = model_cfg
+    if backbone is None:
+        backbone = get_backbone(mc.backbone, pretrained=mc.pretrained if pretrained is None else pretrained)
+    return ClassNet(backbone, prototypes, mc.levels, mc.sim, mc.proj_hidden, mc.logit_scale, mc.learn_logit_scale,
+                    mc.normalize_prototypes)
+
+
+def build_model(cfg: Any, prototypes: torch.Tensor, encoder: ImageEncoder | None,
+                backbone: nn.Module | None = None) -> PBIP:
+    """The stage-1 model of a :class:`~pbip_core.config.Config`. ``encoder`` may be None when no FG/BG loss is on."""
+    classnet = build_classnet(cfg.model, prototypes, backbone)
+    matcher = None
+    if (cfg.loss.fgs or cfg.loss.bgs) and encoder is not None:
+        mc = cfg.model
+        encode = functools.partial(encode_chunked, encoder, chunk=cfg.train.encoder_chunk)
+        matcher = ImgMatchNet(encoder, mc.delta, mc.at, mc.threshold_scope, mc.fgbg, encode=encode)
+    return PBIP(classnet, matcher)
+
+
+def prepare(cfg: Any, data_root: str | Path, bank_path: str | Path, device: str
+            ) -> tuple[PBIP, PrototypeBank, DatasetInfo]:
+    """Load the bank, the encoder (when a FG/BG loss is on) and build the model for ``cfg`` on ``device``."""
+    info = load_info(data_root)
+    bank = load_bank(bank_path)
+    if bank.n_classes != info.n_classes:
+        raise DataError(f"{bank_path}: bank has {bank.n_classes} classes {bank.classes} but {data_root} has "
+                        f"{info.n_classes} {list(info.classes)}; rebuild it with `pbip bank --data {data_root}`")
+    encoder = None
+    if cfg.loss.fgs or cfg.loss.bgs:
+        enc_name = bank.encoder if bank.encoder not in ("unknown", "official-pickle") else cfg.bank.encoder
+        encoder = get_encoder(enc_name, device=device, input_size=cfg.bank.encoder_size or None)
+        if getattr(encoder, "dim", bank.dim) != bank.dim:
+            raise PBIPError(f"encoder {enc_name!r} gives d={encoder.dim} features but the bank holds d={bank.dim}")
+    model = build_model(cfg, bank.features, encoder).to(device)
+    return model, bank, info

@@ -1,0 +1,211 @@
+"""Stage 1 training loop (sec. 4.1): AdamW on ClassNet, frozen encoder, per-epoch validation, atomic checkpoints.
+
+A run folder holds ``config.yaml`` (the resolved config), ``last.pt`` (model + optimizer + scheduler + RNG, written
+atomically after every epoch), ``best.pt`` (the model with the best validation pseudo-mask mIoU), ``history.json``
+(loss terms per step, validation per epoch) and ``metrics.json``. ``resume=True`` continues from ``last.pt`` and gives
+the same numbers as an uninterrupted run on CPU: data order and augmentation are drawn from generators seeded by
+``(train.seed, epoch)``.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU);
+each rank sees its shard of every epoch's permutation and rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..config import Config, load_config
+from ..data import TrainDataset
+from ..errors import DataError, PBIPError, TrainingError
+from ..io import atomic_write_json
+from ..method.losses import TERM_NAMES
+from ..method.model import PBIP, positive_pairs
+from .build import prepare
+from .checkpoint import load_checkpoint, save_checkpoint
+from .pseudo import evaluate_pseudo
+from .runtime import init_distributed, lr_lambda, resolve_device, rng_state, seed_everything, set_rng_state
+from .step import loss_and_backward
+
+
+@dataclass
+class Progress:
+    """What a resumed run continues from."""
+
+    epoch: int = 0
+    step: int = 0
+    history: dict[str, list] = field(default_factory=lambda: {"steps": [], "epochs": []})
+    best: dict[str, Any] = field(default_factory=lambda: {"miou": -1.0, "epoch": -1})
+
+
+def _resume_state(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
+    """The saved ``last.pt`` when resuming (same stage-1 configuration required); refuse to overwrite a finished run."""
+    last = out / "last.pt"
+    if resume and last.is_file():
+        saved = load_config(out / "config.yaml")
+        if saved.stage1_hash() != cfg.stage1_hash():
+            raise PBIPError(f"{out}: --resume with a different configuration than the saved config.yaml "
+                            f"(saved {saved.stage1_hash()}, now {cfg.stage1_hash()}); use a new --out folder")
+        return load_checkpoint(last, "stage-1 checkpoint")
+    if (out / "metrics.json").is_file() and not resume:
+        raise PBIPError(f"{out}: already holds a finished run; pass --resume to continue or use a new --out folder")
+    return None
+
+
+def _epoch_loader(ds: TrainDataset, cfg: Config, epoch: int, rank: int, world: int, device: str):
+    """This rank's shard of epoch ``epoch``'s permutation (seeded by ``(train.seed, epoch)``)."""
+    ds.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
+    perm = torch.randperm(len(ds), generator=gen)[rank::world]
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=perm.tolist(),
+                                       num_workers=cfg.data.num_workers, pin_memory="cuda" in device)
+
+
+def _flush(pending: list, history: dict, epoch: int, cfg: Config, last: Path, bar: Any) -> None:
+    """Move pending loss terms to the history (one host-device sync); stop on a non-finite loss before the
+    optimizer applies it."""
+    if not pending:
+        return
+    vals = torch.stack([t for _, _, t in pending]).cpu()          # (S, 6)
+    for (step, lr, _), row in zip(pending, vals.tolist()):
+        rec = {"epoch": epoch + 1, "step": step, "lr": lr, **dict(zip(TERM_NAMES, row))}
+        if not all(math.isfinite(v) for v in row):
+            raise TrainingError(
+                f"non-finite loss ({ {k: rec[k] for k in TERM_NAMES} }) at epoch {epoch + 1}, step {step}; "
+                f"lower train.lr (now {cfg.train.lr}) or check the input images; last good checkpoint: {last}"
+            )
+        history["steps"].append(rec)
+    pending.clear()
+    if bar is not None:
+        r = history["steps"][-1]
+        bar.set_postfix(loss=f"{r['total']:.3f}", cls=f"{r['cls']:.3f}", fgs=f"{r['fgs']:.3f}", bgs=f"{r['bgs']:.3f}")
+
+
+def _train_epoch(model: PBIP, ddp_model: Any, loader: Any, opt: Any, sched: Any, cfg: Config, prog: Progress,
+                 epoch: int, device: str, last: Path, show: bool) -> None:
+    """One epoch of optimizer steps; loss terms go to ``prog.history`` (checked for NaN before each update)."""
+    on_gpu = "cuda" in device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu)
+                else contextlib.nullcontext())
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show, unit="batch")
+    pending: list[tuple[int, float, torch.Tensor]] = []           # (step, lr, detached loss terms) not yet logged
+    for batch in bar:
+        x, y = batch["image"], batch["label"].float()
+        pairs = positive_pairs(y)                                   # on the CPU labels: no device sync in the step
+        if on_gpu:
+            pairs = pairs.pin_memory()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        pairs = pairs.to(device, non_blocking=True)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            terms = loss_and_backward(model, x, y, pairs, cfg.loss, cfg.train.encoder_chunk,
+                                      ddp_model if ddp_model is not model else None)
+        prog.step += 1
+        pending.append((prog.step, sched.get_last_lr()[0], terms.stacked()))
+        # CPU: check every step (free). GPU: every log_every steps, so the step has no host-device sync.
+        if not on_gpu or len(pending) >= cfg.train.log_every:
+            _flush(pending, prog.history, epoch, cfg, last, bar if show else None)
+        opt.step()
+        sched.step()
+    _flush(pending, prog.history, epoch, cfg, last, None)
+    bar.close()
+
+
+def _validate(model: PBIP, cfg: Config, data_root: str | Path, device: str, epoch: int, prog: Progress,
+              out: Path, ep: dict[str, Any]) -> None:
+    """Validation pseudo-mask scores into the epoch record; the best model so far to ``best.pt``."""
+    val = evaluate_pseudo(model.classnet, data_root, "val", cfg, cfg.pseudo.labels, device,
+                          max_items=cfg.train.max_val)
+    ep.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
+    if val["miou"] > prog.best["miou"]:
+        prog.best = {"miou": float(val["miou"]), "epoch": epoch + 1, "val": val}
+        save_checkpoint({"classnet": model.classnet.state_dict(), "epoch": epoch + 1}, out / "best.pt")
+
+
+def train(
+    cfg: Config,
+    data_root: str | Path,
+    bank_path: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train stage 1 and return the run's metrics (also in ``out_dir/metrics.json``).
+
+    ``stop_after_epoch`` ends the run after that many epochs as if interrupted (tests of ``resume``).
+    """
+    out = Path(out_dir)
+    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    if not Path(data_root).is_dir():
+        raise DataError(f"{data_root}: dataset folder not found")
+    cfg.data.root = str(data_root)
+    last = out / "last.pt"
+    state = _resume_state(cfg, out, resume)
+
+    seed_everything(cfg.train.seed)
+    model, _, info = prepare(cfg, data_root, bank_path, device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    ds = TrainDataset(data_root, image_size=cfg.data.image_size, augment=cfg.data.augment,
+                      max_items=cfg.data.max_train, info=info, seed=cfg.train.seed)
+    total_steps = math.ceil(len(ds) / (cfg.train.batch_size * world)) * cfg.train.epochs
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.schedule, total_steps, cfg.train.warmup_steps))
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1
+                 else model)
+
+    prog = Progress()
+    if state is not None:
+        model.classnet.load_state_dict(state["classnet"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        prog = Progress(state["epoch"], state["step"], state["history"], state["best"])
+        set_rng_state(state["rng"])
+
+    for epoch in range(prog.epoch, cfg.train.epochs):
+        t0 = time.time()
+        ddp_model.train()
+        loader = _epoch_loader(ds, cfg, epoch, rank, world, device)
+        _train_epoch(model, ddp_model, loader, opt, sched, cfg, prog, epoch, device, last, progress and rank == 0)
+        ep = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2)}
+        if rank == 0 and cfg.train.val_every and (epoch + 1) % cfg.train.val_every == 0 \
+                and (Path(data_root) / "val").is_dir():
+            _validate(model, cfg, data_root, device, epoch, prog, out, ep)
+        prog.history["epochs"].append(ep)
+        if rank == 0:
+            save_checkpoint({
+                "classnet": model.classnet.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": prog.step, "history": prog.history,
+                "best": prog.best, "rng": rng_state(), "config_hash": cfg.stage1_hash(),
+            }, last)
+            atomic_write_json(out / "history.json", prog.history)
+        if world > 1:
+            dist.barrier()
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.train.epochs:
+            return {"interrupted_after_epoch": epoch + 1}
+    return _finish(model, cfg, prog, out, rank)
+
+
+def _finish(model: PBIP, cfg: Config, prog: Progress, out: Path, rank: int) -> dict[str, Any]:
+    """``metrics.json`` of a finished run (and ``best.pt`` = the last model when nothing was validated)."""
+    metrics = {"best_epoch": prog.best["epoch"], "best_val_miou": prog.best["miou"], "val": prog.best.get("val"),
+               "epochs": cfg.train.epochs, "steps": prog.step, "config_hash": cfg.stage1_hash(), "method": cfg.method,
+               "seconds": sum(e["seconds"] for e in prog.history["epochs"])}
+    if rank == 0:
+        if prog.best["epoch"] < 0:                   # no validation: the last model is the one to use
+            save_checkpoint({"classnet": model.classnet.state_dict(), "epoch": cfg.train.epochs}, out / "best.pt")
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
