@@ -114,18 +114,23 @@ def test_chapter_setup_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ch = chapter.chapter_setup("smoke", out_dir=str(tmp_path / "out"))
     assert ch.out_dir == tmp_path / "out" and ch.out_dir.is_dir()
-    assert ch.dataset == tmp_path / "out" / "synth" and ch.synthetic
+    assert ch.dataset == tmp_path / "out" / "kather-mosaic" and ch.builtin == "kather-mosaic" and not ch.synthetic
     assert ch.seeds == chapter.DEFAULT_SEEDS["smoke"]
     assert ch.encoder == ch.cfg.bank.encoder and ch.cfg.profile == "smoke"
     assert ch.cfg.data.root == str(ch.dataset)
     ch2 = chapter.chapter_setup("demo", dataset="mydata", encoder="pathmnist-densenet121", seeds=[3, 4],
                              out_dir="o")
-    assert ch2.dataset == tmp_path / "mydata" and not ch2.synthetic
+    assert ch2.dataset == tmp_path / "mydata" and ch2.builtin is None
     assert ch2.encoder == "pathmnist-densenet121" == ch2.cfg.bank.encoder and ch2.seeds == (3, 4)
     with pytest.raises(PBIPError, match="dataset folder not found"):
-        chapter.ensure_synth(ch2)
+        chapter.ensure_dataset(ch2)
     with pytest.raises(ConfigError):
         chapter.chapter_setup("huge", out_dir="o")
+    syn = chapter.chapter_setup("smoke", dataset="synth", out_dir=str(tmp_path / "out"))
+    assert syn.synthetic and syn.dataset == tmp_path / "out" / "synth"
+    root = chapter.ensure_dataset(ch)                        # the smoke-sized built-in dataset, made once
+    assert (root / "dataset.yaml").is_file() and len(list((root / "train").glob("*.png"))) == 48
+    assert chapter.ensure_dataset(ch) == root
 
 
 def test_kernel_for_this_python_writes_a_spec_when_needed(tmp_path, monkeypatch):

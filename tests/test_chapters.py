@@ -46,7 +46,7 @@ def _ch(tmp_path: Path, profile: str = "demo", encoder: str | None = None) -> Si
     (ds / "dataset.yaml").write_text(yaml.safe_dump({
         "name": "synth", "classes": ["TUM", "STR", "LYM", "NEC"], "background_index": 4,
         "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [153, 0, 255], [255, 255, 255]]}))
-    return SimpleNamespace(profile=profile, dataset=ds, out_dir=tmp_path / "out", synthetic=True,
+    return SimpleNamespace(profile=profile, dataset=ds, out_dir=tmp_path / "out", synthetic=True, builtin="synth",
                            encoder=encoder or make_config(profile).bank.encoder)
 
 

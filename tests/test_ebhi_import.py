@@ -257,3 +257,19 @@ def test_existing_output_needs_overwrite(tmp_path):
     with pytest.raises(DataError, match="refusing"):
         eb.import_ebhi_seg(src, mine, overwrite=True)
     assert (mine / "keep.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def test_cli_import_then_check(tmp_path, capsys):
+    """`pbip data import ebhi-seg SRC --out DIR` then `pbip data check DIR`; a second import without --overwrite
+    and a missing source are one-line errors (exit 2)."""
+    from pbip_core.cli import main
+
+    out = tmp_path / "ebhi"
+    assert main(["data", "import", "ebhi-seg", str(FIXTURES), "--out", str(out)]) == 0
+    assert main(["data", "check", str(out)]) == 0
+    assert "OK: ebhi-seg, 6 classes" in capsys.readouterr().out
+    assert main(["data", "import", "ebhi-seg", str(FIXTURES), "--out", str(out)]) == 2
+    assert main(["data", "import", "ebhi-seg", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("pbip data: error:") == 2 and not (tmp_path / "o2").exists()

@@ -275,3 +275,13 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         km.generate_kather_mosaic(tmp_path / "out", n_train=6, n_val=2, n_test=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_a_checked_folder(tmp_path, capsys):
+    from pbip_core.cli import main
+
+    out = tmp_path / "km"
+    assert main(["data", "kather-mosaic", "--out", str(out), "--n-train", "12", "--n-val", "4", "--n-test", "4"]) == 0
+    assert "test 01, 04" in capsys.readouterr().out                    # the slide split is printed
+    assert main(["data", "check", str(out)]) == 0
+    assert main(["data", "kather-mosaic", "--out", str(out), "--n-train", "12"]) == 2   # exists, no --overwrite

@@ -3,6 +3,6 @@ paper (``tables``), figures and widgets (``figures``, ``widgets``), and executin
 ``vendor``). Chapters compute the method itself with :mod:`pbip_core.method`; these modules only orchestrate.
 """
 
-from .chapter import Chapter, chapter_setup, ensure_synth, repo_root
+from .chapter import Chapter, chapter_setup, ensure_dataset, repo_root
 
-__all__ = ["Chapter", "chapter_setup", "ensure_synth", "repo_root"]
+__all__ = ["Chapter", "chapter_setup", "ensure_dataset", "repo_root"]

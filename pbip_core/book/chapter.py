@@ -6,10 +6,11 @@ Chapters call :func:`chapter_setup` right after their parameters cell (``profile
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,23 +19,35 @@ import torch.nn.functional as F
 from ..config import make_config
 from ..data import SegDataset
 from ..data.manifest import dataset_entry
-from ..data.synth import generate
+from ..data.kather_mosaic import generate_kather_mosaic
+from ..data.synth import generate as synth_generate
 from ..errors import DataError
 from ..method.pseudo import gt_present
 
-SYNTH_SIZES: dict[str, dict[str, int]] = {
-    "smoke": {"size": 64, "n_train": 48, "n_val": 8, "n_test": 8},
-    "demo": {"size": 128, "n_train": 600, "n_val": 60, "n_test": 100},
-    "paper": {"size": 224, "n_train": 1000, "n_val": 100, "n_test": 200},
+#: The built-in datasets a chapter can make itself: name -> (generator, size per profile). ``kather-mosaic`` (real
+#: H&E tiles, :mod:`pbip_core.data.kather_mosaic`) is the default of the CPU profiles; ``synth`` (rendered H&E-like
+#: tiles, :mod:`pbip_core.data.synth`) stays selectable with ``dataset="synth"``.
+BUILTIN_DATASETS: dict[str, tuple[Callable[..., Path], dict[str, dict[str, int]]]] = {
+    "kather-mosaic": (generate_kather_mosaic, {
+        "smoke": {"n_train": 48, "n_val": 8, "n_test": 8},
+        "demo": {"n_train": 600, "n_val": 60, "n_test": 100},
+        "paper": {"n_train": 600, "n_val": 60, "n_test": 100},
+    }),
+    "synth": (functools.partial(synth_generate, workers=0), {
+        "smoke": {"size": 64, "n_train": 48, "n_val": 8, "n_test": 8},
+        "demo": {"size": 128, "n_train": 600, "n_val": 60, "n_test": 100},
+        "paper": {"size": 224, "n_train": 1000, "n_val": 100, "n_test": 200},
+    }),
 }
-
-
+#: The dataset a chapter uses when its ``dataset`` parameter is None.
+DEFAULT_DATASET = {"smoke": "kather-mosaic", "demo": "kather-mosaic", "paper": "bcss-wsss"}
+#: Seeds per profile (mean +- std over seeds in the result tables).
 DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "demo": (0,), "paper": (0, 1, 2)}
 
 
 @dataclass
 class Chapter:
-    """A chapter's resolved parameters (absolute paths)."""
+    """A chapter's resolved parameters (absolute paths). ``builtin`` names the built-in dataset it uses, if any."""
 
     profile: str
     cfg: Any  # pbip_core.config.Config
@@ -42,8 +55,13 @@ class Chapter:
     encoder: str
     seeds: tuple[int, ...]
     out_dir: Path
-    synthetic: bool
+    builtin: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the chapter runs on the rendered (not real) tissue of ``pbip data synth``."""
+        return self.builtin == "synth"
 
     def summary(self) -> str:
         """One line with the resolved parameters (paths relative to the working directory when close by)."""
@@ -62,16 +80,20 @@ def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: st
     """Resolve a chapter's parameters cell.
 
     ``None`` means "the profile's default": ``out_dir`` -> ``../results/book/<profile>`` (relative to ``book/``,
-    i.e. ``results/book/<profile>`` in the repository), ``dataset`` -> the synthetic dataset
-    ``<out_dir>/synth`` for smoke/demo (generate it with :func:`ensure_synth`) and the manifest's BCSS-WSSS
-    folder for ``paper``; ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`.
+    i.e. ``results/book/<profile>`` in the repository); ``dataset`` -> :data:`DEFAULT_DATASET` (``kather-mosaic``, made
+    in ``<out_dir>/kather-mosaic`` by :func:`ensure_dataset`, for smoke and demo; the manifest's BCSS-WSSS folder for
+    paper). A built-in name (``kather-mosaic``, ``synth``) selects that dataset, anything else is a folder.
+    ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`.
     """
     cfg = make_config(profile, overrides=overrides)
     out = Path(out_dir) if out_dir else Path("..") / "results" / "book" / profile
     out = out.resolve()
-    synthetic = dataset is None and profile != "paper"
-    if dataset is None:
-        dataset_path = out / "synth" if synthetic else _manifest_dir("bcss-wsss")
+    name = DEFAULT_DATASET[profile] if dataset is None else str(dataset)
+    builtin = name if name in BUILTIN_DATASETS else None
+    if builtin:
+        dataset_path = out / builtin
+    elif dataset is None:
+        dataset_path = _manifest_dir(name)
     else:
         dataset_path = Path(dataset).resolve()
     cfg.data.root = str(dataset_path)
@@ -80,7 +102,7 @@ def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: st
     out.mkdir(parents=True, exist_ok=True)
     return Chapter(profile=profile, cfg=cfg, dataset=dataset_path, encoder=cfg.bank.encoder,
                    seeds=tuple(int(s) for s in (seeds if seeds is not None else DEFAULT_SEEDS[profile])),
-                   out_dir=out, synthetic=synthetic)
+                   out_dir=out, builtin=builtin)
 
 
 def _manifest_dir(name: str) -> Path:
@@ -88,13 +110,14 @@ def _manifest_dir(name: str) -> Path:
     return (repo_root() / local).resolve()
 
 
-def ensure_synth(ch: Chapter, seed: int = 0) -> Path:
-    """Generate the profile's synthetic dataset into ``ch.dataset`` unless a complete one is there."""
+def ensure_dataset(ch: Chapter, seed: int = 0) -> Path:
+    """The chapter's dataset folder: a built-in one is generated (profile-sized) unless a complete one is there."""
     if (ch.dataset / "dataset.yaml").is_file():
         return ch.dataset
-    if not ch.synthetic:
+    if ch.builtin is None:
         raise DataError(f"{ch.dataset}: dataset folder not found (see `pbip data list` for how to get it)")
-    return generate(ch.dataset, seed=seed, **SYNTH_SIZES[ch.profile], workers=0, overwrite=True)
+    generate, sizes = BUILTIN_DATASETS[ch.builtin]
+    return generate(ch.dataset, seed=seed, **sizes[ch.profile], overwrite=True)
 
 
 def repo_root() -> Path:

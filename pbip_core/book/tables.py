@@ -51,7 +51,8 @@ def trims(grid: Any) -> dict[str, Any]:
 def provenance(ch: Any, grid: Any, what: str = "") -> str:
     """One sentence: profile, dataset, encoder, backbone, epochs (and stage 2), seeds, trims and what is scored."""
     cfg = make_config(grid.profile, {**grid.overrides})
-    dataset = Path(ch.dataset).name + (" (synthetic stand-in for BCSS-WSSS)" if ch.synthetic else "")
+    dataset = Path(ch.dataset).name + (" (synthetic stand-in for BCSS-WSSS)" if ch.synthetic else
+                                       " (real Kather 2016 H&E tiles, BCSS-WSSS's classes)" if ch.builtin else "")
     trim = ", ".join(f"{k}={v}" for k, v in trims(grid).items()) or "none"
     s2 = cfg.stage2
     stage2 = (f", stage 2: DeepLab-v2 on {s2.backbone} ({'pretrained' if s2.pretrained else 'random init'}), "

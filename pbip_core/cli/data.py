@@ -1,12 +1,17 @@
-"""``pbip data ...``: check, list, and write the built-in datasets (``synth``; ``pbip synth`` is the same command)."""
+"""``pbip data ...``: check and list datasets, write the built-in ones (``kather-mosaic``, ``synth``; ``pbip synth`` is
+the same command as ``pbip data synth``) and import released ones (``import ebhi-seg``)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..data.check import format_manifest, inspect_dataset
+from ..data.ebhi_seg import import_ebhi_seg
+from ..data.kather_mosaic import generate_kather_mosaic, slide_split
 from ..data.manifest import load_manifest
 from ..data.synth import generate
+
+IMPORTERS = {"ebhi-seg": import_ebhi_seg}
 
 
 def add_synth_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +29,21 @@ def synth(args: argparse.Namespace) -> int:
     out = generate(args.out, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
                    n_test=args.n_test, workers=args.workers, overwrite=args.overwrite)
     print(f"wrote {args.n_train} train, {args.n_val} val, {args.n_test} test tiles to {out}")
+    return 0
+
+
+def kather_mosaic(args: argparse.Namespace) -> int:
+    out = generate_kather_mosaic(args.out, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
+                                 n_test=args.n_test, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.n_train} train, {args.n_val} val, {args.n_test} test images to {out} (slides: "
+          + "; ".join(f"{k} {', '.join(s.removeprefix('CRC-Prim-HE-') for s in v)}" for k, v in slide_split().items())
+          + ")")
+    return 0
+
+
+def import_dataset(args: argparse.Namespace) -> int:
+    out = IMPORTERS[args.format](args.src, args.out, seed=args.seed, overwrite=args.overwrite, progress=True)
+    print(f"imported {args.format} from {args.src} -> {out} (check it with `pbip data check {out}`)")
     return 0
 
 
@@ -55,9 +75,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.set_defaults(_run=check)
     sub.add_parser("list", help="list the datasets and weights of the manifest and where to get them"
                    ).set_defaults(_run=list_manifest)
-    s = sub.add_parser("synth", help="write the synthetic H&E-like dataset (smoke profile and tests)")
+    k = sub.add_parser("kather-mosaic", help="write the real-tissue built-in dataset (Kather 2016 tiles, split by slide)")
+    k.add_argument("--out", required=True, help="output dataset folder")
+    k.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
+    k.add_argument("--size", type=int, default=150, help="image side in pixels (150 = the tiles' native size)")
+    k.add_argument("--n-train", type=int, default=600, help="training images (image-level labels)")
+    k.add_argument("--n-val", type=int, default=60, help="validation images (with masks)")
+    k.add_argument("--n-test", type=int, default=100, help="test images (with masks)")
+    k.add_argument("--overwrite", action="store_true", help="replace a folder previously written by this command")
+    k.set_defaults(_run=kather_mosaic)
+    s = sub.add_parser("synth", help="write the synthetic H&E-like dataset (tests, and a stand-in without real tissue)")
     add_synth_arguments(s)
     s.set_defaults(_run=synth)
+    i = sub.add_parser("import", help="convert a released dataset into the dataset-folder format",
+                       description="Convert a released dataset (as downloaded) into the dataset-folder format.")
+    i.add_argument("format", choices=sorted(IMPORTERS), help="ebhi-seg: EBHI-SEG/<class>/{image,label}/*.png")
+    i.add_argument("src", help="the release folder (the one holding EBHI-SEG/, or EBHI-SEG itself)")
+    i.add_argument("--out", required=True, help="output dataset folder")
+    i.add_argument("--seed", type=int, default=0, help="seed of the stratified train/val/test split")
+    i.add_argument("--overwrite", action="store_true", help="replace a folder previously written by this command")
+    i.set_defaults(_run=import_dataset)
 
 
 def main(args: argparse.Namespace) -> int:
