@@ -49,6 +49,10 @@ def import_dataset(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     rep = inspect_dataset(args.dir, max_images=args.max_images, progress=True)
+    for line in rep.warnings:
+        print(f"warning: {line}")
+    if args.strict:
+        rep.problems.extend(rep.warnings)
     if rep.problems:
         for line in rep.problems:
             print(line)
@@ -68,10 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     c = sub.add_parser("check", help="check a dataset folder and report every problem",
-                       description="Check a dataset folder (docs/DESIGN.md format) and report every problem at once.")
+                       description="Check a dataset folder (docs/DESIGN.md format) and report every problem at once. "
+                       "A known dataset (manifest) is also compared with the manifest: other classes are a "
+                       "problem, other split sizes a warning.")
     c.add_argument("dir", metavar="DIR", help="dataset folder")
     c.add_argument("--max-images", type=int, default=0,
                    help="read at most N image files per split (0 = all; names and pairs are always checked)")
+    c.add_argument("--strict", action="store_true",
+                   help="treat differences from the manifest's split sizes (warnings) as problems (exit 2)")
     c.set_defaults(_run=check)
     sub.add_parser("list", help="list the datasets and weights of the manifest and where to get them"
                    ).set_defaults(_run=list_manifest)
