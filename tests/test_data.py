@@ -323,7 +323,8 @@ def test_check_ok_and_max_images(tiny_dataset, capsys):
 # ------------------------------------------------------------------------------------------ manifest
 def test_manifest_entries(capsys):
     m = load_manifest()
-    assert set(m["datasets"]) == {"luad-histoseg", "bcss-wsss", "gcss", "bcss", "synth"}
+    assert set(m["datasets"]) == {"luad-histoseg", "bcss-wsss", "gcss", "bcss", "synth", "kather-mosaic", "kather2016",
+                                  "ebhi-seg"}
     paper_splits = {"bcss": (30000, 2500, 2500), "bcss-wsss": (23422, 3418, 4986),
                     "luad-histoseg": (16678, 306, 307), "gcss": (20000, 2500, 2500)}
     for name, sizes in paper_splits.items():

