@@ -53,7 +53,9 @@ bench: $(STAMP)  ## run the speed and memory benchmarks
 	$(BIN)/python benchmarks/bank.py
 
 wheel: $(STAMP)  ## build the pbip-core wheel into dist/
+	rm -rf build
 	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf build
 	@ls dist/*.whl
 
 clean-book:  ## remove _build (executed chapters, HTML, the offline JavaScript cache)

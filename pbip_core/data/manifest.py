@@ -63,15 +63,15 @@ def read_sums(path: str | Path) -> dict[str, str]:
 def verify_sums(folder: str | Path, sums: str = "SHA256SUMS", own_files: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Problems of ``folder`` against its sums file, one line each (empty = every file listed and matching).
 
-    Every file under ``folder`` except ``own_files`` (and hidden files) must be listed, and every listed file must
-    exist with that sha256.
+    Every file under ``folder`` except the sums file, ``own_files`` and hidden files must be listed, and every listed
+    file must exist with that sha256.
     """
     folder = Path(folder)
     listed = read_sums(folder / sums)
     problems = []
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
-    for name in sorted(present - set(listed) - set(own_files)):
+    for name in sorted(present - set(listed) - set(own_files) - {sums}):
         problems.append(f"{folder / name}: not listed in {folder / sums}")
     for name, digest in sorted(listed.items()):
         path = folder / name
