@@ -387,7 +387,8 @@ def test_jpeg_and_tiff_images_pair_with_png_masks_by_stem(tmp_path, suffix):
     train = list_train(root)
     assert len(train) == 4 and all(p.suffix == suffix for p, _ in train)
     pairs = list_pairs(root, "val")
-    assert [(i.name, m.name) for i, m in pairs] == [(f"val000{suffix}", "val000.png"), (f"val001{suffix}", "val001.png")]
+    assert [(i.name, m.name) for i, m in pairs] == [(f"val000{suffix}", "val000.png"),
+                                                    (f"val001{suffix}", "val001.png")]
     item = SegDataset(root, "test")[1]
     assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32) and item["name"] == f"test001{suffix}"
     assert pbip_core.data.prediction_name(pairs[0][0]) == "val000.png"
@@ -412,7 +413,8 @@ def test_jpeg_mask_is_a_one_line_error(tmp_path, capsys):
     mask.unlink()
     problems = check_dataset(root)
     assert len(problems) == 1, problems
-    assert problems[0].startswith(str(mask.with_suffix(".jpg"))) and "masks must be lossless (PNG or TIFF)" in problems[0]
+    assert problems[0].startswith(str(mask.with_suffix(".jpg")))
+    assert "masks must be lossless (PNG or TIFF)" in problems[0]
     with pytest.raises(DataError, match="masks must be lossless"):
         list_pairs(root, "val")
     assert cli_main(["data", "check", str(root)]) == 2

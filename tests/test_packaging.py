@@ -114,8 +114,8 @@ def test_wheel_installs_and_runs_outside_the_repository(wheel, tmp_path):
     # pbip_core comes from the wheel, and its shipped assets are read from there: the official prototype file
     # loads as a (4 classes, 3 prototypes, 512) bank
     where, shape = run(str(py), "-c", "import pbip_core; from pbip_core.engine.bank import OFFICIAL_PROTOTYPES, "
-                       "load_bank; print(pbip_core.__file__); print(tuple(load_bank(OFFICIAL_PROTOTYPES).features.shape))"
-                       ).splitlines()
+                       "load_bank; print(pbip_core.__file__); "
+                       "print(tuple(load_bank(OFFICIAL_PROTOTYPES).features.shape))").splitlines()
     assert Path(where).is_relative_to(env_dir) and not Path(where).is_relative_to(ROOT), where
     assert shape == "(4, 3, 512)"
     assert not list(work.glob("data")), "nothing is written into the working directory unasked"

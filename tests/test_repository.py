@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Built from pieces so that this file does not match itself.
 _SLASH = "/"
 MACHINE_PATH = re.compile(
     r"(?<![\w.~-])" + _SLASH + r"(?:work|root|home|Users|mnt|scratch)" + _SLASH   # /work/..., /home/... of a machine
@@ -36,6 +35,8 @@ def tracked_text_files() -> list[Path]:
 def test_no_tracked_file_names_a_machine_path():
     hits = []
     for path in tracked_text_files():
+        if path == Path(__file__).resolve():          # this file spells the patterns out
+            continue
         text = path.read_text(errors="replace")
         for n, line in enumerate(text.splitlines(), 1):
             if MACHINE_PATH.search(line) or (path.suffix != ".md" and TMP_PATH.search(line)):

@@ -30,7 +30,9 @@ from .folder import (
 from .manifest import load_manifest
 
 __all__ = [
-    "IMAGE_SUFFIXES", "KNOWN_DATASETS", "MASK_SUFFIXES", "SPLITS", "DatasetInfo", "PseudoMaskDataset", "SegDataset", "TrainDataset", "bad_mask_values",
+    "IMAGE_SUFFIXES", "KNOWN_DATASETS", "MASK_SUFFIXES", "SPLITS", "DatasetInfo", "PseudoMaskDataset", "SegDataset",
+    "TrainDataset", "bad_mask_values",
     "collate_seg", "dihedral", "image_files", "item_generator", "known_name", "list_pairs", "list_train", "load_info",
-    "load_manifest", "parse_label", "prediction_name", "random_dihedral", "resize_image", "subset_indices", "to_tensor", "validate_mask",
+    "load_manifest", "parse_label", "prediction_name", "random_dihedral", "resize_image", "subset_indices", "to_tensor",
+    "validate_mask",
 ]

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..io import read_mask, read_rgb
-from .folder import (IMAGE_KINDS, MASK_SPLITS, MASK_SUFFIXES, SPLITS, DatasetInfo, _by_stem, bad_mask_values, image_files, load_info,
-                     pair_split, parse_label)
+from .folder import (IMAGE_KINDS, MASK_SPLITS, MASK_SUFFIXES, SPLITS, DatasetInfo, bad_mask_values, by_stem,
+                     image_files, load_info, pair_split, parse_label)
 from .manifest import load_manifest
 
 
@@ -120,13 +120,14 @@ def _limit(items: list, max_images: int) -> list:
 def _check_train(rep: CheckReport, max_images: int, progress: bool) -> None:
     folder = rep.root / "train"
     if not folder.is_dir():
-        rep.problems.append(f"{folder}: training folder not found (expected DIR/train/<images with labels in the names>)")
+        rep.problems.append(f"{folder}: training folder not found "
+                            "(expected DIR/train/<images with labels in the names>)")
         return
     files = image_files(folder)
     if not files:
         rep.problems.append(f"{folder}: split is empty (no {IMAGE_KINDS} training images)")
         return
-    _by_stem(files, rep.problems)
+    by_stem(files, rep.problems)
     rep.n_train = len(files)
     info = rep.info
     labels = []

@@ -98,8 +98,8 @@ def manual_steps(name: str, entry: dict[str, Any], cache: Path, out: Path) -> li
     return [f"{i}. {s}" for i, s in enumerate(steps, 1)]
 
 
-def fetch_dataset(name: str, out: str | Path | None = None, cache: str | Path | None = None,
-                  overwrite: bool = False, progress: bool = True, manifest: dict[str, Any] | None = None) -> FetchResult:
+def fetch_dataset(name: str, out: str | Path | None = None, cache: str | Path | None = None, overwrite: bool = False,
+                  progress: bool = True, manifest: dict[str, Any] | None = None) -> FetchResult:
     """Download, verify, unpack and convert the manifest dataset ``name`` into ``out`` (default its ``local_dir``).
 
     Raises :class:`FetchUnavailable` (with the manual steps) when the dataset has no direct download or the network

@@ -221,7 +221,7 @@ def pair_split(root: str | Path, split: str) -> tuple[list[tuple[Path, Path]], l
                 for d in (img_dir, mask_dir) if not d.is_dir()]
     if problems:
         return [], problems
-    imgs, masks = _by_stem(image_files(img_dir), problems), _by_stem(image_files(mask_dir), problems)
+    imgs, masks = by_stem(image_files(img_dir), problems), by_stem(image_files(mask_dir), problems)
     for stem in sorted(set(masks) - set(imgs)):
         problems.append(f"{masks[stem]}: mask without an image (no {img_dir / stem}.png, .jpg or .tif)")
     for stem in sorted(set(imgs) - set(masks)):
@@ -236,7 +236,8 @@ def pair_split(root: str | Path, split: str) -> tuple[list[tuple[Path, Path]], l
     return pairs, problems
 
 
-def _by_stem(files: list[Path], problems: list[str]) -> dict[str, Path]:
+def by_stem(files: list[Path], problems: list[str]) -> dict[str, Path]:
+    """``{stem: path}``; a second file with a stem already seen is left out and reported in ``problems``."""
     out: dict[str, Path] = {}
     for p in files:
         if p.stem in out:
@@ -258,7 +259,7 @@ def list_train(root: str | Path, info: DatasetInfo | None = None) -> list[tuple[
     if not files:
         raise DataError(f"{folder}: no training images ({IMAGE_KINDS})")
     problems: list[str] = []
-    _by_stem(files, problems)          # pseudo masks are named by stem: two images may not share one
+    by_stem(files, problems)           # pseudo masks are named by stem: two images may not share one
     if problems:
         raise DataError(problems[0])
     return [(p, parse_label(str(p), info.n_classes)) for p in files]
@@ -439,7 +440,8 @@ class PseudoMaskDataset(Dataset):
         mask = torch.from_numpy(read_mask(self.masks_dir / prediction_name(p)).astype(np.int64))
         if mask.shape != img.shape[-2:]:
             raise DataError(
-                f"{self.masks_dir / prediction_name(p)}: mask is {tuple(mask.shape)} but image {p} is {tuple(img.shape[-2:])}"
+                f"{self.masks_dir / prediction_name(p)}: mask is {tuple(mask.shape)} but image {p} is "
+                f"{tuple(img.shape[-2:])}"
             )
         img = resize_image(img, self.image_size)
         if self.image_size and mask.shape[-1] != self.image_size:
