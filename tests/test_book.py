@@ -148,22 +148,73 @@ def test_kernel_for_this_python_writes_a_spec_when_needed(tmp_path, monkeypatch)
 
 
 def test_run_chapters_order_parameters_and_progress(tmp_path, monkeypatch, capsys):
-    """`pbip book` runs chapters in the given order with profile and out_dir (relative to book/) injected."""
+    """`pbip book` runs chapters in order from book/ into the build copy, with profile and out_dir injected."""
     calls = []
 
-    def fake_execute(ch, book_dir, params, kernel, failed_dir, log_output=False, cell_timeout=None):
-        calls.append((ch, book_dir, dict(params), kernel))
+    def fake_execute(ch, book_dir, params, kernel, failed_dir, log_output=False, cell_timeout=None, source_dir=None):
+        calls.append((ch, book_dir, dict(params), kernel, source_dir))
         return 0.25
 
     monkeypatch.setattr(book, "execute_chapter", fake_execute)
-    (tmp_path / "book").mkdir()
+    _book_sources(tmp_path)
     times = book.run_chapters(tmp_path, book.chapter_order(["03"]), "smoke", tmp_path / "res")
     assert [c[0] for c in calls] == ["01", "02", "03"] and times == {"01": 0.25, "02": 0.25, "03": 0.25}
-    assert all(c[1] == tmp_path / "book" and c[3] == "python3" for c in calls)
-    assert calls[0][2] == {"profile": "smoke", "out_dir": "../res"}
+    work = tmp_path / "_build" / "src" / "book"
+    assert all(c[1] == work and c[3] == "python3" and c[4] == tmp_path / "book" for c in calls)
+    assert calls[0][2] == {"profile": "smoke", "out_dir": "../../../res"}
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("[1/3] chapter 01 01_data.ipynb (profile smoke)")
     assert out[-1] == "[3/3] chapter 03 done in 0.2 s"
+
+
+def _book_sources(root: Path) -> Path:
+    """A copy of the book's sources (committed notebooks, intro, configuration) under ``root``."""
+    shutil.copytree(ROOT / "book", root / "book", ignore=shutil.ignore_patterns("_static", ".*"), dirs_exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, root / name)
+    return root
+
+
+def test_stage_book_copies_sources_and_keeps_executed_chapters(tmp_path, monkeypatch):
+    root = _book_sources(tmp_path / "repo")
+    work = book.stage_book(root)
+    assert work == root / "_build" / "src"
+    for name in ("_config.yml", "_toc.yml", "book/intro.md", *(f"book/{nb}" for nb, _ in book.CHAPTERS.values())):
+        assert (work / name).read_bytes() == (root / name).read_bytes(), name
+    executed = work / "book" / book.CHAPTERS["02"][0]
+    executed.write_text(executed.read_text().replace('"outputs": []', '"outputs": [ ]', 1))   # "executed"
+    (root / "book" / "intro.md").write_text("# changed intro\n")
+    book.stage_book(root)
+    assert '"outputs": [ ]' in executed.read_text(), "an executed chapter is kept"
+    assert (work / "book" / "intro.md").read_text() == "# changed intro\n", "other sources are refreshed"
+    # chapters running in the copy find the repository (data/, results/), not the copy
+    monkeypatch.chdir(work / "book")
+    assert chapter.repo_root() == root.resolve()
+    assert chapter.chapter_setup("smoke").out_dir == root.resolve() / "results" / "book" / "smoke"
+
+
+@pytest.mark.book
+def test_pbip_book_leaves_the_committed_notebooks_untouched(tmp_path, monkeypatch, capsys):
+    """A real papermill run of a small chapter: the executed copy lands in _build/src/book, book/ stays as it was."""
+    root = tmp_path / "repo"
+    (root / "book").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, root / name)
+    nb = new_notebook(cells=[new_code_cell("profile = 'demo'\nout_dir = None", metadata={"tags": ["parameters"]}),
+                             new_markdown_cell("# 77 tiny"), new_code_cell("print('ran with', profile)")],
+                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = root / "book" / "77_tiny.ipynb"
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    monkeypatch.setitem(book.CHAPTERS, "77", ("77_tiny.ipynb", ()))
+    args = argparse.Namespace(book_root=str(root), chapters="77", no_deps=True, strip=False, html_only=False,
+                              no_html=True, out_dir=str(tmp_path / "res"), profile="smoke", log_output=False,
+                              strict=False)
+    assert book_main(args) == 0
+    assert path.read_bytes() == before, "the committed notebook is not rewritten"
+    executed = nbformat.read(root / "_build" / "src" / "book" / "77_tiny.ipynb", as_version=4)
+    assert any("ran with smoke" in t for t in texts(executed, "stream"))
+    assert "into " + str(root / "_build" / "src" / "book") in capsys.readouterr().out
 
 
 def test_vendor_helpers(tmp_path):

@@ -323,7 +323,8 @@ def test_check_ok_and_max_images(tiny_dataset, capsys):
 # ------------------------------------------------------------------------------------------ manifest
 def test_manifest_entries(capsys):
     m = load_manifest()
-    assert set(m["datasets"]) == {"luad-histoseg", "bcss-wsss", "gcss", "bcss", "synth"}
+    assert set(m["datasets"]) == {"luad-histoseg", "bcss-wsss", "gcss", "bcss", "synth", "kather-mosaic", "kather2016",
+                                  "ebhi-seg"}
     paper_splits = {"bcss": (30000, 2500, 2500), "bcss-wsss": (23422, 3418, 4986),
                     "luad-histoseg": (16678, 306, 307), "gcss": (20000, 2500, 2500)}
     for name, sizes in paper_splits.items():
@@ -365,3 +366,111 @@ def test_synthetic_dataset_passes_the_checker(tmp_path):
     info = load_info(root)
     assert len(info.palette) == info.n_classes + 1
     assert len(TrainDataset(root)) == 8 and SegDataset(root, "val")[0]["mask"].shape == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ image formats
+def _convert_images(root: Path, suffix: str, folders: tuple[str, ...] = ("train", "val/img", "test/img")) -> None:
+    """Re-save every PNG image of ``folders`` as ``suffix`` (JPEG at quality 95, TIFF lossless) and drop the PNG."""
+    for folder in folders:
+        for p in sorted((root / folder).glob("*.png")):
+            with Image.open(p) as im:
+                rgb = im.convert("RGB")
+            rgb.save(p.with_suffix(suffix), **({"quality": 95} if suffix in (".jpg", ".jpeg") else {}))
+            p.unlink()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".tif", ".tiff", ".JPG"])
+def test_jpeg_and_tiff_images_pair_with_png_masks_by_stem(tmp_path, suffix):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2)
+    _convert_images(root, suffix)
+    assert check_dataset(root) == []
+    train = list_train(root)
+    assert len(train) == 4 and all(p.suffix == suffix for p, _ in train)
+    pairs = list_pairs(root, "val")
+    assert [(i.name, m.name) for i, m in pairs] == [(f"val000{suffix}", "val000.png"),
+                                                    (f"val001{suffix}", "val001.png")]
+    item = SegDataset(root, "test")[1]
+    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32) and item["name"] == f"test001{suffix}"
+    assert pbip_core.data.prediction_name(pairs[0][0]) == "val000.png"
+
+
+def test_tiff_masks_are_accepted(tmp_path):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2)
+    for p in sorted((root / "val" / "mask").glob("*.png")):
+        with Image.open(p) as im:
+            im.save(p.with_suffix(".tif"))
+        p.unlink()
+    assert check_dataset(root) == []
+    assert [m.suffix for _, m in list_pairs(root, "val")] == [".tif", ".tif"]
+    assert SegDataset(root, "val")[0]["mask"].max() <= 4
+
+
+def test_jpeg_mask_is_a_one_line_error(tmp_path, capsys):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2)
+    mask = root / "val" / "mask" / "val001.png"
+    with Image.open(mask) as im:
+        im.convert("L").save(mask.with_suffix(".jpg"))
+    mask.unlink()
+    problems = check_dataset(root)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(str(mask.with_suffix(".jpg")))
+    assert "masks must be lossless (PNG or TIFF)" in problems[0]
+    with pytest.raises(DataError, match="masks must be lossless"):
+        list_pairs(root, "val")
+    assert cli_main(["data", "check", str(root)]) == 2
+    assert "JPEG compression changes class indices" in capsys.readouterr().out
+
+
+def test_two_files_with_one_stem_are_reported(tmp_path):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2)
+    shutil.copy(root / "test" / "img" / "test000.png", root / "test" / "img" / "test000.tif")
+    problems = check_dataset(root)
+    assert any("test000.tif: same name stem as test000.png" in p for p in problems), problems
+    with pytest.raises(DataError, match="same name stem"):
+        list_pairs(root, "test")
+
+
+def test_non_image_files_are_ignored(tmp_path):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2)
+    (root / "train" / "notes.txt").write_text("not an image")
+    (root / "val" / "img" / "Thumbs.db").write_bytes(b"\0")
+    assert check_dataset(root) == []
+
+
+# ------------------------------------------------------------------------------------------ check vs the manifest
+def _as_bcss_wsss(tmp_path: Path) -> Path:
+    """A tiny folder named ``bcss-wsss`` (no dataset.yaml): the manifest's classes, far fewer images."""
+    return make_dataset(tmp_path, n_train=8, n_val=2, n_test=2, name="bcss-wsss", write_yaml=False,
+                        label_style="compact", classes=["TUM", "STR", "LYM", "NEC"])
+
+
+def test_check_warns_when_split_sizes_differ_from_the_manifest(tmp_path, capsys):
+    root = _as_bcss_wsss(tmp_path)
+    manifest = load_manifest()["datasets"]["bcss-wsss"]["splits"]
+    assert check_dataset(root) == []                      # a subset is not a problem ...
+    assert cli_main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    warn = [line for line in out if line.startswith("warning: ")]
+    assert len(warn) == 1 and out[-1].startswith("OK: bcss-wsss")
+    assert (f"train 8 (manifest {manifest['train']}), val 2 (manifest {manifest['val']}), "
+            f"test 2 (manifest {manifest['test']})") in warn[0]
+    assert cli_main(["data", "check", str(root), "--strict"]) == 2      # ... unless asked to be strict
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"1 problem found in {root}"
+
+
+def test_check_reports_classes_that_differ_from_the_manifest(tmp_path):
+    root = make_dataset(tmp_path, n_train=4, n_val=2, n_test=2, name="mine",
+                        classes=["TUM", "LYM", "STR", "NEC"])
+    data = yaml.safe_load((root / "dataset.yaml").read_text())
+    data["name"] = "bcss-wsss"
+    (root / "dataset.yaml").write_text(yaml.safe_dump(data))
+    problems = check_dataset(root)
+    assert len(problems) == 1 and "classes [TUM, LYM, STR, NEC] differ from the manifest's 'bcss-wsss' entry " \
+                                  "[TUM, STR, LYM, NEC]" in problems[0], problems
+
+
+def test_check_of_an_unknown_dataset_has_no_manifest_lines(tiny_dataset):
+    from pbip_core.data.check import inspect_dataset
+
+    rep = inspect_dataset(tiny_dataset)
+    assert rep.problems == [] and rep.warnings == []

@@ -345,3 +345,21 @@ def test_evaluate_bad_inputs_name_the_file(tmp_path, capsys, case):
         assert text in lines[0]
     with pytest.raises(DataError):
         evaluate_dir(pred, root, "test")
+
+
+def test_evaluate_pairs_predictions_by_stem_with_tiff_masks(tmp_path):
+    """Predictions are `<stem>.png` whatever the image and mask formats (here JPEG images and TIFF masks)."""
+    from PIL import Image
+
+    root = make_dataset(tmp_path, n_train=2, n_val=2, n_test=2, size=16)
+    pred = _write_preds(root, "val", tmp_path / "pred")
+    for p in sorted((root / "val" / "img").glob("*.png")):
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    for p in sorted((root / "val" / "mask").glob("*.png")):
+        Image.open(p).save(p.with_suffix(".tif"))
+        p.unlink()
+    assert evaluate_dir(pred, root, "val")["miou"] == 1.0
+    (pred / "val001.png").unlink()
+    with pytest.raises(DataError, match="val001.png: missing prediction for the val mask val001.tif"):
+        evaluate_dir(pred, root, "val")

@@ -1,13 +1,21 @@
 """The book: run the chapter notebooks with papermill, then build the HTML with Jupyter Book 1.x.
 
-``pbip book [--profile smoke|demo|paper] [--chapters 01,02] [--no-html] [--out-dir DIR]``
+``pbip book [--profile smoke|demo|paper] [--chapters 01,02] [--no-html] [--html-only] [--out-dir DIR]``
 
-1. Each chapter notebook ``book/NN_*.ipynb`` is executed **in place** by papermill (cwd ``book/``), in
-   dependency order (:data:`CHAPTERS`), with the parameters ``profile`` and ``out_dir`` injected. The
-   notebook is written to a temporary name and renamed over the chapter only when every cell ran, so a failing
-   chapter leaves the committed notebook untouched; its partial output goes to ``_build/failed/``.
-2. papermill's ``injected-parameters`` cell is tagged ``remove-cell`` (hidden in the HTML).
-3. ``jupyter-book build .`` (book root = repository root, ``execute_notebooks: off``).
+The committed notebooks ``book/*.ipynb`` are never written to (they stay without outputs, so ``make book`` leaves
+``git status`` clean):
+
+1. :func:`stage_book` copies the book sources (``_config.yml``, ``_toc.yml``, ``book/`` without notebooks) into the
+   build folder ``_build/src/`` (:data:`SOURCE_DIR`); it marks the copy with :data:`ROOT_POINTER`, so
+   :func:`pbip_core.book.chapter.repo_root` still finds the repository (``data/``, ``results/``) from inside it.
+2. Each chapter ``book/NN_*.ipynb`` is executed by papermill from the repository into ``_build/src/book/`` (cwd
+   ``_build/src/book``), in dependency order (:data:`CHAPTERS`), with the parameters ``profile`` and ``out_dir``
+   injected. The output is written to a temporary name and renamed into place only when every cell ran, so a
+   failing chapter leaves the last good executed copy; its partial output goes to ``_build/failed/``. A chapter
+   not executed in this run keeps its executed copy from an earlier run (or a clean copy of the committed one).
+3. papermill's ``injected-parameters`` cell is tagged ``remove-cell`` (hidden in the HTML).
+4. ``jupyter-book build _build/src --path-output .`` writes the HTML to ``_build/html`` (``execute_notebooks: off``);
+   ``pbip book --html-only`` (``make html``) does only this step, from the chapters executed before.
 
 Offline pages. Built pages load require.js, the ipywidgets HTML manager and MathJax: :mod:`pbip_core.book.vendor`,
 a Sphinx extension (``_config.yml``: ``sphinx: extra_extensions: [pbip_core.book.vendor]``): at ``config-inited`` it
@@ -38,6 +46,10 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from papermill.exceptions import PapermillExecutionError
 
 from ..errors import ConfigError, PBIPError
+from .chapter import ROOT_POINTER          # in SOURCE_DIR: the repository root, relative to SOURCE_DIR
+
+SOURCE_DIR = Path("_build") / "src"        # where the chapters are executed and the HTML is built from
+BOOK_FILES = ("_config.yml", "_toc.yml")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Chapters and their dependencies
@@ -148,19 +160,24 @@ def strip_outputs(nb: Any) -> Any:
 
 
 def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], kernel_name: str,
-                    failed_dir: Path, log_output: bool = False, cell_timeout: float | None = None) -> float:
-    """Run one chapter in place with papermill; returns the wall time in seconds.
+                    failed_dir: Path, log_output: bool = False, cell_timeout: float | None = None,
+                    source_dir: Path | None = None) -> float:
+    """Run one chapter with papermill in ``book_dir`` (its cwd); returns the wall time in seconds.
 
-    Raises :class:`PBIPError` naming the chapter and the failing cell; the partial notebook is kept in
-    ``failed_dir`` and the chapter's notebook is left as it was.
+    The notebook is read from ``source_dir`` (default ``book_dir``: in place) and the executed copy written to
+    ``book_dir``. Raises :class:`PBIPError` naming the chapter and the failing cell; the partial notebook is kept in
+    ``failed_dir`` and ``book_dir``'s notebook is left as it was.
     """
-    nb_path = book_dir / CHAPTERS[chapter][0]
-    if not nb_path.is_file():
-        raise PBIPError(f"{nb_path}: chapter {chapter} notebook not found")
+    name = CHAPTERS[chapter][0]
+    src_path = (source_dir or book_dir) / name
+    if not src_path.is_file():
+        raise PBIPError(f"{src_path}: chapter {chapter} notebook not found")
+    nb_path = book_dir / name
+    book_dir.mkdir(parents=True, exist_ok=True)
     tmp = nb_path.with_name(f".{nb_path.stem}.running.ipynb")
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(nb_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
+        pm.execute_notebook(str(src_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
                             cwd=str(book_dir), progress_bar=False, log_output=log_output,
                             execution_timeout=cell_timeout,
                             # the kernel's own log (e.g. "running over TCP without encryption") is noise here
@@ -188,6 +205,30 @@ def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], ke
     return time.perf_counter() - t0
 
 
+def stage_book(book_root: Path, work_root: Path | None = None) -> Path:
+    """Copy the book's sources into ``work_root`` (default ``book_root/_build/src``) and return it.
+
+    ``_config.yml``, ``_toc.yml`` and every file of ``book/`` except the chapter notebooks are copied on every call
+    (so edits to ``intro.md`` or the configuration show up); a chapter notebook is copied, clean, only when the
+    copy has none yet (an executed copy is kept). ``ROOT_POINTER`` records the way back to ``book_root``.
+    """
+    work = work_root or book_root / SOURCE_DIR
+    (work / "book").mkdir(parents=True, exist_ok=True)
+    for name in BOOK_FILES:
+        shutil.copy2(book_root / name, work / name)
+    chapters = {nb for nb, _ in CHAPTERS.values()}
+    for p in sorted((book_root / "book").iterdir()):
+        if p.name.startswith(".") or p.name == "_static" or p.name.endswith(".running.ipynb"):
+            continue
+        dest = work / "book" / p.name
+        if p.is_dir():
+            shutil.copytree(p, dest, dirs_exist_ok=True)
+        elif p.name not in chapters or not dest.exists():
+            shutil.copy2(p, dest)
+    (work / ROOT_POINTER).write_text(os.path.relpath(book_root.resolve(), work.resolve()) + "\n")
+    return work
+
+
 def _keep_failed(tmp: Path, dest: Path) -> Path | None:
     if not tmp.exists():
         return None
@@ -197,11 +238,18 @@ def _keep_failed(tmp: Path, dest: Path) -> Path | None:
 
 
 def run_chapters(book_root: Path, chapters: Sequence[str], profile: str, out_dir: Path | None = None,
-                 extra_parameters: dict[str, Any] | None = None, log_output: bool = False) -> dict[str, float]:
-    """Execute ``chapters`` (already ordered) in place; print one progress line per chapter; return wall times."""
-    book_dir = book_root / "book"
+                 extra_parameters: dict[str, Any] | None = None, log_output: bool = False,
+                 work_root: Path | None = None) -> dict[str, float]:
+    """Execute ``chapters`` (already ordered) into the staged copy; print one line per chapter; return wall times.
+
+    The notebooks are read from ``book_root/book`` and executed in ``work_root/book`` (default: the staged copy
+    ``book_root/_build/src``, :func:`stage_book`), so the committed notebooks stay untouched. Results go to
+    ``out_dir`` (default ``book_root/results/book/<profile>``).
+    """
+    work = work_root or stage_book(book_root)
+    book_dir = work / "book"
     out = (out_dir or book_root / "results" / "book" / profile).resolve()
-    params = {"profile": profile, "out_dir": os.path.relpath(out, book_dir), **(extra_parameters or {})}
+    params = {"profile": profile, "out_dir": os.path.relpath(out, book_dir.resolve()), **(extra_parameters or {})}
     times: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pbip-kernel-") as tmp:
         old_path = os.environ.get("JUPYTER_PATH")
@@ -211,7 +259,7 @@ def run_chapters(book_root: Path, chapters: Sequence[str], profile: str, out_dir
                 name = CHAPTERS[ch][0]
                 print(f"[{i}/{len(chapters)}] chapter {ch} {name} (profile {profile}) ...", flush=True)
                 times[ch] = execute_chapter(ch, book_dir, params, kernel, book_root / "_build" / "failed",
-                                            log_output=log_output)
+                                            log_output=log_output, source_dir=book_root / "book")
                 print(f"[{i}/{len(chapters)}] chapter {ch} done in {times[ch]:.1f} s", flush=True)
         finally:
             if old_path is None:
@@ -226,7 +274,8 @@ def run_chapters(book_root: Path, chapters: Sequence[str], profile: str, out_dir
 # ---------------------------------------------------------------------------------------------------------------
 def build_html(book_root: Path, path_output: Path | None = None, strict: bool = False,
                quiet: bool = True) -> Path:
-    """``jupyter-book build`` the book root; returns the HTML folder. ``strict`` = ``-W`` (warnings are errors)."""
+    """``jupyter-book build`` a book root (the staged copy for ``pbip book``); returns the HTML folder
+    ``<path_output or book_root>/_build/html``. ``strict`` = ``-W`` (warnings are errors)."""
     exe = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jupyter_book.cli.main"]
     cmd += ["build", str(book_root)]

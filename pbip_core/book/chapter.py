@@ -79,14 +79,14 @@ def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: st
                   overrides: Sequence[str] | dict[str, Any] | None = None) -> Chapter:
     """Resolve a chapter's parameters cell.
 
-    ``None`` means "the profile's default": ``out_dir`` -> ``../results/book/<profile>`` (relative to ``book/``,
-    i.e. ``results/book/<profile>`` in the repository); ``dataset`` -> :data:`DEFAULT_DATASET` (``kather-mosaic``, made
+    ``None`` means "the profile's default": ``out_dir`` -> ``results/book/<profile>`` in the repository
+    (:func:`repo_root`); ``dataset`` -> :data:`DEFAULT_DATASET` (``kather-mosaic``, made
     in ``<out_dir>/kather-mosaic`` by :func:`ensure_dataset`, for smoke and demo; the manifest's BCSS-WSSS folder for
     paper). A built-in name (``kather-mosaic``, ``synth``) selects that dataset, anything else is a folder.
     ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`.
     """
     cfg = make_config(profile, overrides=overrides)
-    out = Path(out_dir) if out_dir else Path("..") / "results" / "book" / profile
+    out = Path(out_dir) if out_dir else repo_root() / "results" / "book" / profile
     out = out.resolve()
     name = DEFAULT_DATASET[profile] if dataset is None else str(dataset)
     builtin = name if name in BUILTIN_DATASETS else None
@@ -120,10 +120,20 @@ def ensure_dataset(ch: Chapter, seed: int = 0) -> Path:
     return generate(ch.dataset, seed=seed, **sizes[ch.profile], overwrite=True)
 
 
+ROOT_POINTER = ".pbip-book-root"   # written by pbip_core.book.build.stage_book into its build copy
+
+
 def repo_root() -> Path:
-    """The book root: the folder holding ``_config.yml`` (the repository root)."""
+    """The book root: the folder holding ``_config.yml`` (the repository root), searched from the working directory.
+
+    Inside the build copy ``_build/src`` that ``pbip book`` executes the chapters in, its ``.pbip-book-root`` file
+    points back to the repository, so ``data/`` and ``results/`` are the repository's.
+    """
     for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent):
         if (base / "_config.yml").is_file() and (base / "_toc.yml").is_file():
+            pointer = base / ROOT_POINTER
+            if pointer.is_file():
+                return (base / pointer.read_text().strip()).resolve()
             return base
     return Path(__file__).resolve().parent.parent
 

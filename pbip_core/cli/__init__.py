@@ -18,7 +18,7 @@ from ..errors import PBIPError
 # command -> (module in pbip_core.cli, arguments function, main function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "data": ("data", "add_arguments", "main",
-             "datasets: `pbip data check DIR`, `list`, `kather-mosaic`, `synth`, `import ebhi-seg SRC`"),
+             "datasets: `pbip data check DIR`, `list`, `fetch NAME`, `kather-mosaic`, `synth`, `import ebhi-seg SRC`"),
     "synth": ("data", "add_synth_arguments", "synth", "write the synthetic H&E-like dataset (= `pbip data synth`)"),
     "config": ("pipeline", "config_arguments", "config_main", "print the resolved configuration of a profile / preset"),
     "bank": ("pipeline", "bank_arguments", "bank_main", "build the prototype image bank (sec. 3.2, eq. 1)"),
@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only``, just that command's module is imported (fast ``pbip <cmd> --help``)."""
+    """The parser; with ``only``, just that command's module is imported (fast ``pbip <cmd> --help``; ``""``: none)."""
     parser = argparse.ArgumentParser(
         prog="pbip",
         description="PBIP: prototype-based image prompting for weakly supervised histopathology segmentation.",
@@ -54,10 +54,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the optional extras (pyproject.toml) -> the extra that installs them.
+EXTRA_OF_MODULE = {m: "book" for m in ("papermill", "nbformat", "nbclient", "jupyter_client", "ipywidgets", "IPython",
+                                       "ipykernel", "sphinx", "jupyter_book", "seaborn")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(only=chosen).parse_args(argv)
+    try:
+        # no command (`pbip --version`, `pbip --help`): list the commands without importing any of them
+        args = build_parser(only=chosen or "").parse_args(argv)
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"pbip {chosen}: error: needs the optional package {e.name!r}: pip install 'pbip-core[{extra}]' "
+              f"(or `make setup` in the repository)", file=sys.stderr)
+        return 2
     try:
         return int(args._main(args) or 0)
     except PBIPError as e:

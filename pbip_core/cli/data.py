@@ -1,5 +1,6 @@
 """``pbip data ...``: check and list datasets, write the built-in ones (``kather-mosaic``, ``synth``; ``pbip synth`` is
-the same command as ``pbip data synth``) and import released ones (``import ebhi-seg``)."""
+the same command as ``pbip data synth``), download released ones (``fetch NAME``) and import them
+(``import ebhi-seg``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 
 from ..data.check import format_manifest, inspect_dataset
 from ..data.ebhi_seg import import_ebhi_seg
+from ..data.fetch import FetchUnavailable, fetch_dataset
 from ..data.kather_mosaic import generate_kather_mosaic, slide_split
 from ..data.manifest import load_manifest
 from ..data.synth import generate
@@ -49,6 +51,10 @@ def import_dataset(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     rep = inspect_dataset(args.dir, max_images=args.max_images, progress=True)
+    for line in rep.warnings:
+        print(f"warning: {line}")
+    if args.strict:
+        rep.problems.extend(rep.warnings)
     if rep.problems:
         for line in rep.problems:
             print(line)
@@ -56,6 +62,22 @@ def check(args: argparse.Namespace) -> int:
         print(f"{n} problem{'s' if n != 1 else ''} found in {rep.root}")
         return 2
     print(rep.summary())
+    return 0
+
+
+def fetch(args: argparse.Namespace) -> int:
+    try:
+        res = fetch_dataset(args.name, out=args.out, cache=args.cache, overwrite=args.overwrite, progress=True)
+    except FetchUnavailable as e:
+        print(f"{args.name} cannot be downloaded here. To get it by hand:")
+        for line in e.steps:
+            print(f"  {line}")
+        raise
+    for path, sha in res.files.items():
+        print(f"{path}: sha256 {sha}")
+    for note in res.notes:
+        print(note)
+    print(f"fetched {args.name} -> {res.out}")
     return 0
 
 
@@ -68,13 +90,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     c = sub.add_parser("check", help="check a dataset folder and report every problem",
-                       description="Check a dataset folder (docs/DESIGN.md format) and report every problem at once.")
+                       description="Check a dataset folder (docs/DESIGN.md format) and report every problem at once. "
+                       "A known dataset (manifest) is also compared with the manifest: other classes are a "
+                       "problem, other split sizes a warning.")
     c.add_argument("dir", metavar="DIR", help="dataset folder")
     c.add_argument("--max-images", type=int, default=0,
                    help="read at most N image files per split (0 = all; names and pairs are always checked)")
+    c.add_argument("--strict", action="store_true",
+                   help="treat differences from the manifest's split sizes (warnings) as problems (exit 2)")
     c.set_defaults(_run=check)
     sub.add_parser("list", help="list the datasets and weights of the manifest and where to get them"
                    ).set_defaults(_run=list_manifest)
+    f = sub.add_parser("fetch", help="download a manifest dataset (checksums verified), unpack and convert it",
+                       description="Download a dataset of the manifest with pooch, verify its checksum, unpack it "
+                       "and convert it into the dataset-folder format. Without a download URL or without network it "
+                       "prints what to download by hand and where to put it, and exits 2.")
+    f.add_argument("name", help="dataset name from `pbip data list` (e.g. ebhi-seg, kather2016, bcss-wsss)")
+    f.add_argument("--out", default=None, help="output folder (default: the manifest's local_dir, e.g. data/NAME)")
+    f.add_argument("--cache", default=None, help="where downloads are kept and looked for (default data/downloads)")
+    f.add_argument("--overwrite", action="store_true", help="replace a folder previously written by this command")
+    f.set_defaults(_run=fetch)
     k = sub.add_parser("kather-mosaic", help="write the real-tissue built-in dataset (Kather 2016 tiles, split by slide)")
     k.add_argument("--out", required=True, help="output dataset folder")
     k.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")

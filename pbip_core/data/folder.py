@@ -3,12 +3,15 @@
 ::
 
     DIR/train/*.png                 image-level labels in the name: ``...-[1 0 0 1].png`` or ``...[1101].png``
-    DIR/val/img/*.png  DIR/val/mask/*.png      same file names in img/ and mask/
+    DIR/val/img/*.png  DIR/val/mask/*.png      an image and its mask share the file-name stem
     DIR/test/img/*.png DIR/test/mask/*.png
     DIR/dataset.yaml                name, classes, background_index, palette (optional for the known datasets)
 
+Images may be PNG, JPEG or TIFF (:data:`IMAGE_SUFFIXES`); masks must be lossless, PNG or TIFF
+(:data:`MASK_SUFFIXES`): JPEG would change class indices at region edges. ``img/x.jpg`` pairs with ``mask/x.png``.
 Masks are single-channel class indices ``0..N-1`` in label-vector order; ``background_index`` (usually N)
-marks white background / excluded pixels, which the metrics ignore.
+marks white background / excluded pixels, which the metrics ignore. Predictions and pseudo masks written by the
+library are PNGs named ``<image stem>.png`` (:func:`prediction_name`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .augment import dihedral, item_generator, random_dihedral
 
 SPLITS = ("train", "val", "test")
 MASK_SPLITS = ("val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")   # what a dataset folder's images may be
+MASK_SUFFIXES = (".png", ".tif", ".tiff")                      # lossless only
+IMAGE_KINDS = "PNG, JPEG or TIFF"
 
 # Known datasets (Han et al. 2022, the MLPS release): no dataset.yaml needed.
 KNOWN_DATASETS: dict[str, dict[str, Any]] = {
@@ -184,8 +190,62 @@ def parse_label(filename: str, n_classes: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- listing
-def _pngs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"), key=lambda p: p.name)
+def image_files(folder: Path) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`, any case) directly in ``folder``, sorted by file name."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda p: p.name)
+
+
+def prediction_name(image: str | Path) -> str:
+    """File name of the prediction / pseudo mask of an image or mask: ``x.jpg`` -> ``x.png`` (always PNG)."""
+    return f"{Path(image).stem}.png"
+
+
+def lossy_mask_problem(path: Path) -> str | None:
+    """The one-line problem of a mask file that is not lossless (JPEG), else None."""
+    if path.suffix.lower() in MASK_SUFFIXES:
+        return None
+    return (f"{path}: masks must be lossless (PNG or TIFF): JPEG compression changes class indices at region "
+            "edges; save the masks as PNG")
+
+
+def pair_split(root: str | Path, split: str) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """Images and masks of ``root/<split>/{img,mask}`` matched by file-name stem, and every problem found.
+
+    Returns ``([(image, mask), ...] sorted by image name, [problem lines])``: a missing folder, a mask without an
+    image or the reverse, two files with the same stem, a JPEG mask, an empty split.
+    """
+    base = Path(root) / split
+    img_dir, mask_dir = base / "img", base / "mask"
+    problems = [f"{d}: folder not found (expected DIR/{split}/img/<images> and DIR/{split}/mask/<masks>)"
+                for d in (img_dir, mask_dir) if not d.is_dir()]
+    if problems:
+        return [], problems
+    imgs, masks = by_stem(image_files(img_dir), problems), by_stem(image_files(mask_dir), problems)
+    for stem in sorted(set(masks) - set(imgs)):
+        problems.append(f"{masks[stem]}: mask without an image (no {img_dir / stem}.png, .jpg or .tif)")
+    for stem in sorted(set(imgs) - set(masks)):
+        problems.append(f"{imgs[stem]}: image without a mask (no {mask_dir / stem}.png)")
+    for stem in sorted(masks):
+        bad = lossy_mask_problem(masks[stem])
+        if bad:
+            problems.append(bad)
+    if not imgs and not masks:
+        problems.append(f"{base}: split is empty (no {IMAGE_KINDS} files in {img_dir} or {mask_dir})")
+    pairs = [(imgs[s], masks[s]) for s in sorted(set(imgs) & set(masks), key=lambda s: imgs[s].name)]
+    return pairs, problems
+
+
+def by_stem(files: list[Path], problems: list[str]) -> dict[str, Path]:
+    """``{stem: path}``; a second file with a stem already seen is left out and reported in ``problems``."""
+    out: dict[str, Path] = {}
+    for p in files:
+        if p.stem in out:
+            problems.append(f"{p}: same name stem as {out[p.stem].name} (an image and its mask are paired by stem; "
+                            "keep one)")
+            continue
+        out[p.stem] = p
+    return out
 
 
 def list_train(root: str | Path, info: DatasetInfo | None = None) -> list[tuple[Path, np.ndarray]]:
@@ -194,30 +254,24 @@ def list_train(root: str | Path, info: DatasetInfo | None = None) -> list[tuple[
     info = info or load_info(root)
     folder = root / "train"
     if not folder.is_dir():
-        raise DataError(f"{folder}: training folder not found (expected DIR/train/*.png)")
-    files = _pngs(folder)
+        raise DataError(f"{folder}: training folder not found (expected DIR/train/<images with labels in the names>)")
+    files = image_files(folder)
     if not files:
-        raise DataError(f"{folder}: no .png training images")
+        raise DataError(f"{folder}: no training images ({IMAGE_KINDS})")
+    problems: list[str] = []
+    by_stem(files, problems)           # pseudo masks are named by stem: two images may not share one
+    if problems:
+        raise DataError(problems[0])
     return [(p, parse_label(str(p), info.n_classes)) for p in files]
 
 
 def list_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """``[(image path, mask path), ...]`` of ``root/<split>/img`` and ``root/<split>/mask``, sorted by name."""
-    root = Path(root)
-    base = root / split
-    img_dir, mask_dir = base / "img", base / "mask"
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise DataError(f"{d}: folder not found (expected DIR/{split}/img/*.png and DIR/{split}/mask/*.png)")
-    imgs = {p.name: p for p in _pngs(img_dir)}
-    masks = {p.name: p for p in _pngs(mask_dir)}
-    for name in sorted(set(masks) - set(imgs)):
-        raise DataError(f"{masks[name]}: mask without an image (no {img_dir / name})")
-    for name in sorted(set(imgs) - set(masks)):
-        raise DataError(f"{imgs[name]}: image without a mask (no {mask_dir / name})")
-    if not imgs:
-        raise DataError(f"{base}: split is empty (no .png files in {img_dir})")
-    return [(imgs[n], masks[n]) for n in sorted(imgs)]
+    """``[(image path, mask path), ...]`` of ``root/<split>/img`` and ``root/<split>/mask`` paired by stem, sorted
+    by image name; the first problem (see :func:`pair_split`) raises :class:`DataError`."""
+    pairs, problems = pair_split(root, split)
+    if problems:
+        raise DataError(problems[0])
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -349,7 +403,7 @@ def collate_seg(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PseudoMaskDataset(Dataset):
-    """Training images (``DIR/train/*.png``) paired with pseudo masks of the same file name in ``masks_dir`` (stage 2).
+    """Training images (``DIR/train/*``) paired with pseudo masks ``masks_dir/<image stem>.png`` (stage 2).
 
     Item: ``{"image": (3, S, S) float [0, 1], "mask": (S, S) int64, "name": str}``. ``max_items`` keeps the same subset
     as stage 1's :class:`TrainDataset` (``subset_seed``). ``augment``: the same flip/rot90 on image and mask.
@@ -362,10 +416,10 @@ class PseudoMaskDataset(Dataset):
             raise DataError(f"{self.masks_dir}: pseudo-mask folder not found (write it with `pbip pseudo --split train`)")
         items = [Path(p) for p, _ in list_train(root)]
         items = [items[i] for i in subset_indices(len(items), max_items, subset_seed)]
-        missing = [p for p in items if not (self.masks_dir / p.name).is_file()]
+        missing = [p for p in items if not (self.masks_dir / prediction_name(p)).is_file()]
         if missing:
             raise DataError(
-                f"{self.masks_dir / missing[0].name}: pseudo mask missing for training image {missing[0]} "
+                f"{self.masks_dir / prediction_name(missing[0])}: pseudo mask missing for training image {missing[0]} "
                 f"({len(missing)} of {len(items)} training images have no mask in {self.masks_dir})"
             )
         self.items = items
@@ -383,10 +437,11 @@ class PseudoMaskDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.items[i]
         img = to_tensor(read_rgb(p))
-        mask = torch.from_numpy(read_mask(self.masks_dir / p.name).astype(np.int64))
+        mask = torch.from_numpy(read_mask(self.masks_dir / prediction_name(p)).astype(np.int64))
         if mask.shape != img.shape[-2:]:
             raise DataError(
-                f"{self.masks_dir / p.name}: mask is {tuple(mask.shape)} but image {p} is {tuple(img.shape[-2:])}"
+                f"{self.masks_dir / prediction_name(p)}: mask is {tuple(mask.shape)} but image {p} is "
+                f"{tuple(img.shape[-2:])}"
             )
         img = resize_image(img, self.image_size)
         if self.image_size and mask.shape[-1] != self.image_size:

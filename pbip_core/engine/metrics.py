@@ -39,7 +39,7 @@ from scipy import ndimage
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from ..data.folder import list_pairs, load_info, validate_mask
+from ..data.folder import list_pairs, load_info, prediction_name, validate_mask
 from ..errors import DataError
 from ..io import read_mask
 
@@ -196,21 +196,22 @@ class SegMetrics:
 
 # ---------------------------------------------------------------------------------------------- folders
 def evaluate_dir(pred_dir: str | Path, data_root: str | Path, split: str, progress: bool = False) -> dict[str, Any]:
-    """Score prediction PNGs in ``pred_dir`` (same names as ``data_root/<split>/mask``) against the masks."""
+    """Score prediction PNGs ``pred_dir/<mask stem>.png`` against the masks of ``data_root/<split>/mask``."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
     info = load_info(data_root)
     pairs = list_pairs(data_root, split)
-    missing = [m.name for _, m in pairs if not (pred_dir / m.name).is_file()]
+    missing = [m for _, m in pairs if not (pred_dir / prediction_name(m)).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(f"{pred_dir / missing[0]}: missing prediction for the {split} mask {missing[0]}{more}")
+        raise DataError(f"{pred_dir / prediction_name(missing[0])}: missing prediction for the {split} mask "
+                        f"{missing[0].name}{more}")
     metrics = SegMetrics(info.n_classes, info.background_index, info.classes)
     for _, mask_path in tqdm(pairs, desc=f"evaluate {split}", disable=not progress, leave=False):
         gt = read_mask(mask_path)
         validate_mask(gt, mask_path, info)
-        pred_path = pred_dir / mask_path.name
+        pred_path = pred_dir / prediction_name(mask_path)
         pred = read_mask(pred_path)
         if pred.shape != gt.shape:
             raise DataError(f"{pred_path}: prediction size {pred.shape[1]}x{pred.shape[0]} differs from the mask "

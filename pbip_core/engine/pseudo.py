@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import SegDataset, TrainDataset, load_info
+from ..data.folder import prediction_name
 from ..errors import DataError
 from ..io import read_rgb, save_png
 from ..method.model import ClassNet
@@ -87,7 +88,7 @@ def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, o
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for name, pred, _ in iter_pseudo_masks(classnet, data_root, split, cfg, labels, device, progress=progress):
-        save_png(pred, out / name, list(info.palette))
+        save_png(pred, out / prediction_name(name), list(info.palette))
         n += 1
     if n == 0:
         raise DataError(f"{data_root}/{split}: no images to write pseudo masks for")

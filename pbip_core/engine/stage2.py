@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import PseudoMaskDataset, SegDataset, list_pairs, load_info
+from ..data.folder import prediction_name
 from ..errors import TrainingError
 from ..io import atomic_write_json, save_png
 from ..nets.deeplab import ASPP_RATES, DeepLabV2
@@ -93,7 +94,7 @@ def evaluate_split(model: nn.Module, data_root: str | Path, split: str, cfg: Con
                    pred_dir: str | Path | None = None) -> dict[str, Any]:
     """Predict every image of ``split`` (argmax over N classes at the mask's size) and score it.
 
-    Writes P-mode PNGs named like the masks into ``pred_dir`` when given. Returns the metrics dict of
+    Writes P-mode PNGs ``<mask stem>.png`` into ``pred_dir`` when given. Returns the metrics dict of
     :class:`pbip_core.engine.metrics.SegMetrics` (fractions in [0, 1]).
     """
     info = load_info(data_root)
@@ -108,7 +109,7 @@ def evaluate_split(model: nn.Module, data_root: str | Path, split: str, cfg: Con
         pred = probs[0].argmax(0).cpu().numpy().astype(np.uint8)
         metrics.update(pred, gt)
         if pred_dir is not None:
-            save_png(pred, Path(pred_dir) / Path(pairs[i][1]).name, palette=info.palette_list())
+            save_png(pred, Path(pred_dir) / prediction_name(pairs[i][1]), palette=info.palette_list())
     return metrics.compute()
 
 
