@@ -23,6 +23,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ Profile = Literal["smoke", "demo", "paper"]
 Method = Literal["pbip", "cam", "official"]
 PROFILES: tuple[str, ...] = typing.get_args(Profile)
 METHODS: tuple[str, ...] = typing.get_args(Method)
+#: ``train.device`` / ``--device``: availability is checked where the device is resolved (engine.runtime).
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N | mps"
 
 
 @dataclass
@@ -388,13 +393,44 @@ def validate(cfg: Config) -> None:
     bad = literal_errors(cfg)
     if bad:
         raise ConfigError(bad[0])
+    tr, s2 = cfg.train, cfg.stage2
+
+    def positive(x: float) -> bool:
+        return math.isfinite(x) and x > 0
+
+    def non_negative(x: float) -> bool:
+        return math.isfinite(x) and x >= 0
+
     checks = [
         (0.0 <= cfg.model.delta <= 1.0, "model.delta must be in [0, 1] (eq. 4)"),
         (cfg.bank.k >= 1, "bank.k must be >= 1"),
         (cfg.bank.nk >= 1, "bank.nk must be >= 1"),
-        (cfg.loss.tau > 0, "loss.tau must be > 0"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.epochs >= 0, "train.epochs must be >= 0"),
+        (cfg.bank.batch_size >= 1, "bank.batch_size must be >= 1"),
+        (cfg.bank.kmeans_iters >= 1 and cfg.bank.kmeans_restarts >= 1,
+         "bank.kmeans_iters and bank.kmeans_restarts must be >= 1"),
+        (0.0 <= cfg.bank.white_threshold <= 1.0, "bank.white_threshold must be in [0, 1]"),
+        (cfg.bank.encoder_size >= 0, "bank.encoder_size must be >= 0 (0 = the encoder's native size)"),
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8 pixels"),
+        (cfg.data.max_train >= 0 and cfg.data.num_workers >= 0, "data.max_train and data.num_workers must be >= 0"),
+        (positive(cfg.loss.tau), "loss.tau must be > 0"),
+        (positive(tr.lr), f"train.lr must be > 0, got {tr.lr}"),
+        (non_negative(tr.weight_decay), f"train.weight_decay must be >= 0, got {tr.weight_decay}"),
+        (tr.batch_size >= 1, "train.batch_size must be >= 1"),
+        (tr.epochs >= 1, (f"train.epochs must be >= 1, got {tr.epochs} (a run with no epoch would save an "
+                          "untrained model as best.pt)")),
+        (tr.warmup_steps >= 0 and tr.val_every >= 0 and tr.max_val >= 0 and tr.encoder_chunk >= 0,
+         "train.warmup_steps, train.val_every, train.max_val and train.encoder_chunk must be >= 0"),
+        (tr.log_every >= 1, "train.log_every must be >= 1"),
+        (bool(DEVICE_PATTERN.fullmatch(tr.device)), f"train.device={tr.device!r} is not one of {DEVICE_CHOICES}"),
+        (positive(s2.lr), f"stage2.lr must be > 0, got {s2.lr}"),
+        (s2.epochs >= 1, f"stage2.epochs must be >= 1, got {s2.epochs}"),
+        (s2.batch_size >= 1, "stage2.batch_size must be >= 1"),
+        (0.0 <= s2.momentum < 1.0, f"stage2.momentum must be in [0, 1), got {s2.momentum}"),
+        (non_negative(s2.weight_decay), f"stage2.weight_decay must be >= 0, got {s2.weight_decay}"),
+        (positive(s2.power), f"stage2.power must be > 0, got {s2.power}"),
+        (s2.image_size >= 8, "stage2.image_size must be >= 8 pixels"),
+        (s2.output_stride in (8, 16), f"stage2.output_stride must be 8 or 16, got {s2.output_stride}"),
+        (0.0 <= cfg.pseudo.white_threshold <= 1.0, "pseudo.white_threshold must be in [0, 1]"),
         (len(cfg.model.levels) >= 1 and all(1 <= lv <= 4 for lv in cfg.model.levels),
          "model.levels must be backbone stages in 1..4"),
         (not cfg.loss.cls_level_weights or len(cfg.loss.cls_level_weights) == len(cfg.model.levels),

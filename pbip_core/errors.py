@@ -27,3 +27,7 @@ class ConfigError(PBIPError, KeyError):
 
 class TrainingError(PBIPError, RuntimeError):
     """Training cannot go on (for example a NaN/inf loss)."""
+
+
+class RunClaimedError(PBIPError):
+    """A run folder is in use by another live process (see :mod:`pbip_core.engine.claims`)."""

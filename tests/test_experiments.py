@@ -159,12 +159,17 @@ def test_cli_dry_run_on_builtin_paper_grid(capsys, tmp_path, monkeypatch):
     from pbip_core.cli import main
 
     monkeypatch.chdir(tmp_path)  # the grid's relative data/bcss-wsss is certainly missing here
-    rc = main(["run", "--dry-run", "table1-bcss-wsss"])
+    rc = main(["run", "--dry-run", "--allow-missing", "table1-bcss-wsss"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "grid table1-bcss-wsss (profile paper" in out
     assert "missing:" in out and "bcss-wsss: folder not found" in out
     assert out.count("pending") == 5
+    # without --allow-missing the same listing ends with a one-line error and exit status 2
+    rc = main(["run", "--dry-run", "table1-bcss-wsss"])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out.count("pending") == 5
+    assert "pbip run: error:" in cap.err and "missing" in cap.err and "--allow-missing" in cap.err
 
 
 def test_builtin_grids_load():

@@ -50,7 +50,7 @@ def run_book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, varian
     grid = book_grid(name, ch, seeds, variants)
     out = results_dir(ch)
     write_grid(grid, Path(ch.out_dir) / "grids" / f"{grid.name}.yaml")
-    df = run_grid(grid, out, jobs=1)
+    df = run_grid(grid, out, jobs=1, wait=True)            # a run another process holds: wait for it
     bad = df[df["status"] != "ok"] if len(df) else df
     if len(bad) and not allow_failed:
         first = bad.iloc[0]
@@ -79,7 +79,7 @@ def shared_run_grid(ch: Any, seed: int | None = None) -> Grid:
 def stage1_run(ch: Any, seed: int | None = None) -> Path:
     """The stage-1 run folder (``.../runs/<hash>/stage1``) of the book's shared run (:func:`shared_run_grid`),
     trained now if not cached: chapters 02-05 and the ablations of chapters 07 and 09 use this one run."""
-    df = run_grid(shared_run_grid(ch, seed), results_dir(ch), jobs=1)
+    df = run_grid(shared_run_grid(ch, seed), results_dir(ch), jobs=1, wait=True)
     row = df.iloc[0]
     if row["status"] != "ok":
         raise DataError(f"{run_dir(row, ch)}: the stage-1 run failed: {row.get('error', '')}")

@@ -2,7 +2,8 @@
 
 Every command is a pair ``(add_arguments(parser), main(args) -> int)`` registered in :data:`COMMANDS`; the options
 that several commands share come from :mod:`pbip_core.cli.options`. User errors
-(:class:`~pbip_core.errors.PBIPError`) are printed as one line ``pbip <cmd>: error: <reason>`` with exit status 2.
+(:class:`~pbip_core.errors.PBIPError`) and file-system errors a user can fix (permission denied, a file where a folder
+is expected) are printed as one line ``pbip <cmd>: error: <reason>`` with exit status 2.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ EXTRA_OF_MODULE = {m: "book" for m in ("papermill", "nbformat", "nbclient", "jup
                                        "ipykernel", "sphinx", "jupyter_book", "seaborn")}
 
 
+def os_error_line(e: OSError) -> str:
+    """``PATH: Permission denied`` for a file-system error a user can fix (permissions, a file where a folder is
+    expected, ...)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{where}: {e.strerror or e}" if where else f"{type(e).__name__}: {e}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
@@ -76,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except PBIPError as e:
         print(f"pbip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        print(f"pbip {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pbip {args.command}: interrupted (checkpoints written so far are intact)", file=sys.stderr)

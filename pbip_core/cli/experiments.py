@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import PROFILES
-from ..errors import DataError
+from ..errors import DataError, PBIPError
 from ..experiments.grid import load_grid
 from ..experiments.report import DEFAULT_REPORT_METRICS, compare, parse_selector, selector_text, summary_markdown
 from ..experiments.runner import run_grid
@@ -18,15 +18,25 @@ def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", help="grid YAML file, or the name of a built-in grid (pbip_core/experiments/grids/)")
     p.add_argument("--profile", default=None, choices=PROFILES, help="profile (default: the grid's own)")
     p.add_argument("--dataset", default=None, help="dataset folder for every run (replaces the grid's datasets)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and what is missing; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs and what is missing; run nothing (exit status 2 when something is missing)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="with --dry-run: exit 0 even when datasets or weights are missing (only list them)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (processes; GPUs assigned round-robin)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for runs another `pbip run` is executing (default: skip them; that process writes "
+                        "their rows)")
     p.add_argument("--results", default="results", help="results folder (default: results/)")
 
 
 def run_main(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, profile=args.profile, dataset=args.dataset)
-    df = run_grid(grid, results_dir=args.results, jobs=args.jobs, dry_run=args.dry_run)
+    df = run_grid(grid, results_dir=args.results, jobs=args.jobs, dry_run=args.dry_run, wait=args.wait)
     if args.dry_run:
+        missing = df.attrs.get("missing", [])
+        if missing and not args.allow_missing:
+            raise PBIPError(f"{len(missing)} requirement{'s' if len(missing) > 1 else ''} missing (listed above), "
+                            f"first: {missing[0].split(' -- ')[0]}; pass --allow-missing to only list them")
         return 0
     failed = int((df["status"] != "ok").sum()) if len(df) else 0
     print(f"pbip run: {len(df)} rows, {failed} failed")

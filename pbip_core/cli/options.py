@@ -1,5 +1,5 @@
 """The options every command shares, so they read the same everywhere: ``--profile`` (validated), ``--config``,
-``--set key=value``, ``--device`` and ``--resume``."""
+``--set key=value``, ``--device`` and ``--resume`` / ``--overwrite``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..config import PROFILES, Config, make_config
 
 
 def add_config_options(p: argparse.ArgumentParser, resume: bool = False, device: bool = True) -> None:
-    """--profile, --config, --set (and --resume, --device) on a command that resolves a configuration."""
+    """--profile, --config, --set (and --resume / --overwrite, --device) on a command that resolves a configuration."""
     p.add_argument("--profile", default="demo", choices=PROFILES,
                    help="smoke (minutes, CI) | demo (the built-in dataset on a CPU) | paper (sec. 4.1, GPU, real data)")
     p.add_argument("--config", default=None, metavar="YAML", help="YAML file of config keys (applied after --profile)")
@@ -19,7 +19,10 @@ def add_config_options(p: argparse.ArgumentParser, resume: bool = False, device:
         p.add_argument("--device", default=None,
                        help="cpu | cuda | cuda:N | auto (default: the config's train.device, i.e. auto)")
     if resume:
-        p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        again.add_argument("--overwrite", action="store_true",
+                           help="delete the run already in OUT (finished or partial) and start over")
 
 
 def config_from(args: argparse.Namespace, extra: list[str] | None = None) -> Config:

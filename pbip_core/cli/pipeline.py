@@ -18,7 +18,7 @@ from ..engine.runtime import resolve_device
 from ..engine.stage1 import train
 from ..engine.stage2 import train_stage2
 from ..errors import DataError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_output_file
 from .options import add_config_options, config_from, device_of
 
 
@@ -49,6 +49,7 @@ def bank_main(args: argparse.Namespace) -> int:
     cfg = config_from(args, extra)
     if not Path(args.data).is_dir():
         raise DataError(f"{args.data}: dataset folder not found")
+    check_output_file(args.out, "--out", example="bank.pt")      # before the bank is computed
     bank = build_bank(args.data, cfg.bank, cache_dir=args.cache, device=resolve_device(device_of(args, cfg)))
     save_bank(bank, args.out)
     st = bank.info["stats"]
@@ -70,7 +71,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_main(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    m = train(cfg, args.data, args.bank, args.out, resume=args.resume, device=args.device)
+    m = train(cfg, args.data, args.bank, args.out, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in m.items() if k != "val"}, indent=None))
         if m.get("val"):
@@ -108,7 +109,8 @@ def stage2_arguments(p: argparse.ArgumentParser) -> None:
 
 def stage2_main(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    res = train_stage2(cfg, args.data, args.masks, args.out, resume=args.resume, device=args.device)
+    res = train_stage2(cfg, args.data, args.masks, args.out, resume=args.resume, device=args.device,
+                       overwrite=args.overwrite)
     if "val" in res:
         for split in ("val", "test"):
             m = res[split]
@@ -124,10 +126,14 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (docs/DESIGN.md format)")
     p.add_argument("--split", required=True, choices=("val", "test"))
     p.add_argument("--json", metavar="OUT", default=None, help="write the metrics as JSON here")
+    p.add_argument("--ignore-extra", action="store_true",
+                   help="allow files in --pred that are not predictions of the split's masks (default: an error)")
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    result = evaluate_dir(args.pred, args.data, args.split, progress=True)
+    if args.json:
+        check_output_file(args.json, "--json", example="metrics.json")   # before the evaluation
+    result = evaluate_dir(args.pred, args.data, args.split, progress=True, ignore_extra=args.ignore_extra)
     print(f"{result['dataset']} {args.split}: {args.pred}")
     print(format_table(result))
     if args.json:
@@ -147,6 +153,10 @@ def checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_main(args: argparse.Namespace) -> int:
-    out = convert_legacy(args.file, args.out)
-    print(f"converted {args.file} -> {out} (tensors and plain data only)")
+    out, converted = convert_legacy(args.file, args.out)
+    if converted:
+        print(f"converted {args.file} -> {out} (tensors and plain data only)")
+    else:
+        print(f"{args.file}: already in the safe format (tensors and plain data only); nothing converted"
+              + (f", copied to {out}" if args.out else ""))
     return 0

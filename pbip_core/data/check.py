@@ -22,9 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..io import read_mask, read_rgb
+from ..io import image_header, read_mask, read_rgb, rgb_mode_problem
 from .folder import (IMAGE_KINDS, MASK_SPLITS, MASK_SUFFIXES, SPLITS, DatasetInfo, bad_mask_values, by_stem,
-                     image_files, load_info, pair_split, parse_label)
+                     image_files, list_pairs, list_train, load_info, pair_split, parse_label, validate_mask)
 from .manifest import load_manifest
 
 
@@ -178,6 +178,41 @@ def _check_split(rep: CheckReport, split: str, max_images: int, progress: bool) 
                     f"{mask_path}: mask values {bad} outside the classes 0..{rep.info.n_classes - 1} and "
                     f"background {rep.info.background_index}"
                 )
+
+
+# ---------------------------------------------------------------------------------------------- before a long run
+def preflight_dataset(root: str | Path, splits: tuple[str, ...] = MASK_SPLITS, train: bool = True) -> DatasetInfo:
+    """The cheap checks a command runs before its first step, so a bad file fails in seconds, not after an epoch.
+
+    ``train``: every training file name carries a label vector and every image's mode (from its header) is one
+    :func:`pbip_core.io.read_rgb` accepts. Each split of ``splits``: images and masks pair up, every mask is read and
+    validated (values, size against its image's header), every image's mode is accepted. Raises DataError with the
+    first problem (one line naming the file) and how many more there are.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    info = load_info(root)
+    problems: list[str] = []
+    if train:
+        for path, _ in list_train(root, info):
+            mode, _ = image_header(path)
+            if (why := rgb_mode_problem(mode)) is not None:
+                problems.append(f"{path}: {why}")
+    for split in splits:
+        for img, mask_path in list_pairs(root, split):
+            try:
+                mode, hw = image_header(img)
+                if (why := rgb_mode_problem(mode)) is not None:
+                    raise DataError(f"{img}: {why}")
+                validate_mask(read_mask(mask_path), mask_path, info, hw)
+            except DataError as e:
+                problems.append(str(e))
+    if problems:
+        more = (f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}; "
+                f"`pbip data check {root}` lists them all)") if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------- the manifest

@@ -61,9 +61,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..errors import DataError
-from ..io import atomic_write_text, save_png
+from ..io import atomic_write_text, rgb_from_pil, save_png
 from .staging import staged_folder
 from .synth import label_string
 
@@ -237,6 +238,8 @@ def convert_pair(cls: int, image: Path, label: Path) -> tuple[Any, np.ndarray, d
     if lab.size != img.size:
         raise DataError(f"{label}: label size {lab.size[0]}x{lab.size[1]} differs from image size "
                         f"{img.size[0]}x{img.size[1]} ({image.name})")
+    if lab.mode not in ("L", "1", "P", "RGB", "RGBA", "LA"):            # 16/32-bit, CMYK, ...: no 8-bit grey value
+        raise DataError(f"{label}: label of mode {lab.mode}; EBHI-Seg labels are 8-bit black-and-white images")
     grey = np.asarray(lab if lab.mode == "L" else lab.convert("L"))   # RGB / palette masks: their grey value
     mask = np.where(grey >= THRESHOLD, cls, BACKGROUND_INDEX).astype(np.uint8)
     stats = {"share_foreground": float((mask == cls).mean()),
@@ -245,11 +248,12 @@ def convert_pair(cls: int, image: Path, label: Path) -> tuple[Any, np.ndarray, d
 
 
 def _write_image(img: Any, src: Path, dst: Path) -> None:
-    """RGB PNG images are copied byte for byte; anything else is converted to RGB and written as PNG."""
+    """RGB PNG images are copied byte for byte; anything else is converted to RGB following the image-mode policy of
+    :func:`pbip_core.io.rgb_from_pil` (a mode it refuses is a DataError naming ``src``) and written as PNG."""
     if img.mode == "RGB" and img.format == "PNG":
         shutil.copyfile(src, dst)
     else:
-        img.convert("RGB").save(dst, format="PNG")
+        Image.fromarray(rgb_from_pil(img, src)).save(dst, format="PNG")
 
 
 def import_ebhi_seg(src: str | Path, out: str | Path, seed: int = 0,

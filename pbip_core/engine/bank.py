@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data import list_train, load_info
 from ..errors import DataError
-from ..io import atomic_torch_save, read_rgb
+from ..io import atomic_torch_save, read_rgb, refused_global
 from ..method.bank import BankSteps, PrototypeBank, build_prototypes, select_single_class, white_fraction
 from ..nets.encoders import get_encoder
 
@@ -177,22 +177,46 @@ def load_bank(path: str | Path) -> PrototypeBank:
 
     The official file is a plain pickle of ``{"features": (sum K, d) unit rows, "k_list", "class_order",
     "cumsum_k"}``; it is read with a restricted unpickler and reshaped to (N, K, d) (equal K per class required).
+    Nothing in a bank file can run code: a torch file is read with ``weights_only=True``, a plain pickle with an
+    unpickler that only knows tensors and arrays. Every problem is a DataError naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prototype bank not found (build one with `pbip bank --data DIR --out {path}`)")
-    try:
-        with warnings.catch_warnings():           # the official pickle uses protocol 4: torch warns, reads it fine
-            warnings.simplefilter("ignore", UserWarning)
+    if zipfile.is_zipfile(path):                  # a torch file (save_bank): tensors and plain data only
+        try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a torch file: maybe the official pickle
+        except pickle.UnpicklingError as e:
+            raise DataError(f"{path}: refused to load: the bank holds Python objects other than tensors and plain "
+                            f"data ({refused_global(e)})") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: corrupt or truncated bank file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); rebuild it with `pbip bank`") from None
+    else:                                         # the official repository's plain pickle
         obj = _load_official_pickle(path)
     if not isinstance(obj, dict) or "features" not in obj:
         raise DataError(f"{path}: not a prototype bank (expected a dict with 'features')")
     if obj.get("format") == BANK_FORMAT:
-        return PrototypeBank(obj["features"].float(), list(obj["classes"]), obj.get("encoder", "unknown"),
+        feats = obj["features"]
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or not feats.is_floating_point() \
+                or 0 in feats.shape:
+            raise DataError(f"{path}: 'features' must be a non-empty float tensor (N classes, K, d), found "
+                            f"{_describe(feats)}")
+        classes = obj.get("classes")
+        if not isinstance(classes, (list, tuple)) or len(classes) != feats.shape[0]:
+            raise DataError(f"{path}: 'classes' must list one name per prototype class ({feats.shape[0]}), found "
+                            f"{_describe(classes)}")
+        return PrototypeBank(feats.float(), [str(c) for c in classes], str(obj.get("encoder", "unknown")),
                              obj.get("members", []), obj.get("info", {}))
     return _from_official(obj, path)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 _ALLOWED_GLOBALS = {
@@ -220,8 +244,17 @@ def _load_official_pickle(path: Path) -> dict:
 
 
 def _from_official(obj: dict, path: Path) -> PrototypeBank:
-    feats = torch.as_tensor(obj["features"]).float()
-    k_list = [int(k) for k in obj.get("k_list", [])]
+    raw = obj["features"]
+    is_float = (isinstance(raw, torch.Tensor) and raw.is_floating_point()) or \
+        (isinstance(raw, np.ndarray) and raw.dtype.kind == "f")
+    if not is_float or raw.ndim != 2 or 0 in raw.shape:
+        raise DataError(f"{path}: 'features' must be a float array of prototype rows (sum K, d), found "
+                        f"{_describe(raw)}")
+    feats = torch.as_tensor(raw).float()
+    try:
+        k_list = [int(k) for k in obj.get("k_list", [])]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: 'k_list' must be a list of integers, found {_describe(obj.get('k_list'))}") from None
     classes = [str(c) for c in obj.get("class_order", [])]
     if not k_list or len(set(k_list)) != 1 or sum(k_list) != feats.shape[0]:
         raise DataError(f"{path}: k_list {k_list} does not split {feats.shape[0]} prototype rows into equal K per class")

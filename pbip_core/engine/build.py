@@ -45,14 +45,19 @@ def build_model(cfg: Any, prototypes: torch.Tensor, encoder: ImageEncoder | None
     return PBIP(classnet, matcher)
 
 
+def check_bank(bank: PrototypeBank, info: DatasetInfo, bank_path: str | Path) -> None:
+    """DataError naming ``bank_path`` when the bank's classes do not fit the dataset ``info``."""
+    if bank.n_classes != info.n_classes:
+        raise DataError(f"{bank_path}: bank has {bank.n_classes} classes {bank.classes} but {info.root} has "
+                        f"{info.n_classes} {list(info.classes)}; rebuild it with `pbip bank --data {info.root}`")
+
+
 def prepare(cfg: Any, data_root: str | Path, bank_path: str | Path, device: str
             ) -> tuple[PBIP, PrototypeBank, DatasetInfo]:
     """Load the bank, the encoder (when a FG/BG loss is on) and build the model for ``cfg`` on ``device``."""
     info = load_info(data_root)
     bank = load_bank(bank_path)
-    if bank.n_classes != info.n_classes:
-        raise DataError(f"{bank_path}: bank has {bank.n_classes} classes {bank.classes} but {data_root} has "
-                        f"{info.n_classes} {list(info.classes)}; rebuild it with `pbip bank --data {data_root}`")
+    check_bank(bank, info, bank_path)
     encoder = None
     if cfg.loss.fgs or cfg.loss.bgs:
         enc_name = bank.encoder if bank.encoder not in ("unknown", "official-pickle") else cfg.bank.encoder

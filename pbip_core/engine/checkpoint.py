@@ -21,7 +21,7 @@ import torch
 
 from ..config import Config, load_config
 from ..errors import DataError
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, refused_global
 from ..method.model import ClassNet
 from .build import build_classnet
 
@@ -60,42 +60,87 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     atomic_torch_save(obj, path)
 
 
-def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; a missing, truncated or unsafe file is a one-line DataError."""
+def load_checkpoint(path: str | Path, what: str = "checkpoint", keys: tuple[str, ...] = (),
+                    hint: str = "delete it and start over, or use the run's best.pt") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; a missing, truncated, unsafe or incomplete file (one of ``keys``
+    absent) is a one-line DataError naming the file and ``hint``, the way out."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty {what} (0 bytes); {hint}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: refused to load: the file holds Python objects other than tensors and plain data "
-                        f"({str(e).splitlines()[0][:160]}); if you wrote it yourself with an older pbip, convert it "
+                        f"({refused_global(e)}); if you wrote it yourself with an older pbip, convert it "
                         f"with `pbip checkpoint convert {path}`") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: corrupt or truncated {what} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                        "delete it and start over, or use the run's best.pt") from None
+        first = (str(e).splitlines() or [""])[0][:160]
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise DataError(f"{path}: corrupt or truncated {what} ({detail}); {hint}") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: not a pbip {what} (expected a dict)")
+        raise DataError(f"{path}: not a pbip {what} (expected a dict); {hint}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise DataError(f"{path}: not a complete {what} (no {', '.join(missing)}); {hint}")
     if "rng" in obj:
         obj["rng"] = decode_rng(obj["rng"])
     return obj
 
 
-def convert_legacy(path: str | Path, out: str | Path | None = None) -> Path:
+def _plain(obj: Any, where: str) -> Any:
+    """``obj`` with numpy arrays as tensors and numpy scalars as Python numbers; DataError naming any other object."""
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str, bytes)):
+        return obj
+    raise DataError(f"{where}: holds a {type(obj).__module__}.{type(obj).__qualname__}, which a safe checkpoint "
+                    "cannot hold; not a pbip checkpoint")
+
+
+def convert_legacy(path: str | Path, out: str | Path | None = None) -> tuple[Path, bool]:
     """Rewrite a checkpoint of an earlier pbip version (a full pickle) in the safe format.
 
-    This loads the file with ``weights_only=False``, which can run code hidden in it: only convert files you or
-    your colleagues wrote. Returns the path written (``out``, default: in place).
+    A file that already loads with ``weights_only=True`` is left as it is. Otherwise it is loaded once with
+    ``weights_only=False``, **which runs any code hidden in it: only convert files you or your colleagues wrote**,
+    its RNG state is encoded as plain data, numpy values become tensors and numbers, and it is written atomically.
+    Returns ``(path written or checked, converted?)``; ``out`` defaults to ``path`` (in place).
     """
     path = Path(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass                                     # holds Python objects: a legacy checkpoint (or worse)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:160]}); nothing to convert") from None
+    else:
+        if out is not None and Path(out) != path:
+            atomic_torch_save(torch.load(path, map_location="cpu", weights_only=True), out)
+        return Path(out) if out is not None else path, False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: corrupt or not a checkpoint ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:160]}); nothing to convert") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a pbip checkpoint (expected a dict)")
-    if "rng" in obj and isinstance(obj["rng"].get("numpy"), tuple):
+    if isinstance(obj.get("rng"), dict) and isinstance(obj["rng"].get("numpy"), tuple):
         obj["rng"] = encode_rng(obj["rng"])
+    obj = _plain(obj, str(path))
     target = Path(out) if out is not None else path
     atomic_torch_save(obj, target)
-    return target
+    return target, True
 
 
 # ---------------------------------------------------------------------- stage-1 runs
@@ -108,7 +153,8 @@ def load_classnet(run_dir: str | Path, checkpoint: str = "best.pt", device: str 
     if not (run / "config.yaml").is_file() or not ckpt_path.is_file():
         raise DataError(f"{run}: not a finished stage-1 run (needs config.yaml and {checkpoint} or last.pt)")
     cfg = load_config(run / "config.yaml")
-    sd = load_checkpoint(ckpt_path, "stage-1 checkpoint")["classnet"]
+    hint = "pass --checkpoint with the run's other file (best.pt / last.pt), or train the run again"
+    sd = load_checkpoint(ckpt_path, "stage-1 checkpoint", keys=("classnet",), hint=hint)["classnet"]
     net = build_classnet(cfg.model, sd["prototypes"], pretrained=False)
     net.load_state_dict(sd)
     return net.to(device).eval(), cfg

@@ -195,8 +195,14 @@ class SegMetrics:
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def evaluate_dir(pred_dir: str | Path, data_root: str | Path, split: str, progress: bool = False) -> dict[str, Any]:
-    """Score prediction PNGs ``pred_dir/<mask stem>.png`` against the masks of ``data_root/<split>/mask``."""
+def evaluate_dir(pred_dir: str | Path, data_root: str | Path, split: str, progress: bool = False,
+                 ignore_extra: bool = False) -> dict[str, Any]:
+    """Score prediction PNGs in ``pred_dir`` (same names as ``data_root/<split>/mask``) against the masks.
+
+    Every mask needs its prediction. A file in ``pred_dir`` that is not the prediction of one of the split's masks
+    (hidden files aside) is an error unless ``ignore_extra``: it usually means the folder holds another split's
+    predictions, or a mix of runs.
+    """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
@@ -207,6 +213,12 @@ def evaluate_dir(pred_dir: str | Path, data_root: str | Path, split: str, progre
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise DataError(f"{pred_dir / prediction_name(missing[0])}: missing prediction for the {split} mask "
                         f"{missing[0].name}{more}")
+    expected = {prediction_name(m) for _, m in pairs}
+    extra = sorted(p.name for p in pred_dir.iterdir() if p.name not in expected and not p.name.startswith("."))
+    if extra and not ignore_extra:
+        raise DataError(f"{pred_dir / extra[0]}: not the prediction of a {split} mask of {data_root} ({len(extra)} "
+                        f"such file{'s' if len(extra) > 1 else ''} in {pred_dir}); pass --ignore-extra to score "
+                        "the split's predictions anyway")
     metrics = SegMetrics(info.n_classes, info.background_index, info.classes)
     for _, mask_path in tqdm(pairs, desc=f"evaluate {split}", disable=not progress, leave=False):
         gt = read_mask(mask_path)

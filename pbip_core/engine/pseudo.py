@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import SegDataset, TrainDataset, load_info
+from ..data.check import preflight_dataset
 from ..data.folder import prediction_name
 from ..errors import DataError
-from ..io import read_rgb, save_png
+from ..io import check_output_dir, read_rgb, save_png
 from ..method.model import ClassNet
 from ..method.pseudo import fused_cam, gt_present, predicted_present, pseudo_mask
 from .checkpoint import load_classnet
@@ -80,11 +81,14 @@ def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: 
 def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path,
                        labels: str = "gt", device: str = "auto", checkpoint: str = "best.pt",
                        progress: bool = True) -> Path:
-    """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette)."""
+    """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette).
+
+    The output folder, the split's files (image modes, every mask of val/test) and the checkpoint are checked before
+    the first mask is written."""
     device = resolve_device(device)
+    out = check_output_dir(out_dir)
+    info = preflight_dataset(data_root, splits=() if split == "train" else (split,), train=split == "train")
     classnet, cfg = load_classnet(run_dir, checkpoint, device)
-    info = load_info(data_root)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for name, pred, _ in iter_pseudo_masks(classnet, data_root, split, cfg, labels, device, progress=progress):

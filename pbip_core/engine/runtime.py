@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import DEVICE_CHOICES, DEVICE_PATTERN
 from ..errors import PBIPError
 
 SCHEDULES = ("constant", "linear", "poly")
@@ -42,11 +43,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- devices and processes
 def resolve_device(device: str | None) -> str:
-    """``auto`` (or None) -> ``cuda`` when available, else ``cpu``; a CUDA device without CUDA is an error."""
+    """``auto`` (or None) -> ``cuda`` when available, else ``cpu``. An explicit device must be one of
+    ``cpu | cuda | cuda:N | mps`` and available here; otherwise a one-line PBIPError."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PBIPError(f"device {device!r} requested but CUDA is not available")
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise PBIPError(f"device {device!r}: not one of {DEVICE_CHOICES}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PBIPError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise PBIPError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise PBIPError("device 'mps' requested but Apple MPS is not available (use --device cpu or auto)")
     return device
 
 

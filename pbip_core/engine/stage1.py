@@ -25,12 +25,15 @@ from tqdm.auto import tqdm
 
 from ..config import Config, load_config
 from ..data import TrainDataset
+from ..data.check import preflight_dataset
 from ..errors import DataError, PBIPError, TrainingError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, check_output_dir
 from ..method.losses import TERM_NAMES
 from ..method.model import PBIP, positive_pairs
-from .build import prepare
+from .bank import load_bank
+from .build import check_bank, prepare
 from .checkpoint import load_checkpoint, save_checkpoint
+from .claims import claim_run, empty_run_folder, refuse_partial_run
 from .pseudo import evaluate_pseudo
 from .runtime import init_distributed, lr_lambda, resolve_device, rng_state, seed_everything, set_rng_state
 from .step import loss_and_backward
@@ -46,18 +49,38 @@ class Progress:
     best: dict[str, Any] = field(default_factory=lambda: {"miou": -1.0, "epoch": -1})
 
 
+#: What a stage-1 ``last.pt`` must hold to be resumed from.
+STATE_KEYS = ("classnet", "optimizer", "scheduler", "epoch", "step", "history", "best", "rng")
+
+
 def _resume_state(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | None:
-    """The saved ``last.pt`` when resuming (same stage-1 configuration required); refuse to overwrite a finished run."""
+    """The saved ``last.pt`` when resuming (same stage-1 configuration required); without ``resume``, refuse a folder
+    that holds a run (finished or partial)."""
     last = out / "last.pt"
+    refuse_partial_run(out, resume)
     if resume and last.is_file():
         saved = load_config(out / "config.yaml")
         if saved.stage1_hash() != cfg.stage1_hash():
             raise PBIPError(f"{out}: --resume with a different configuration than the saved config.yaml "
                             f"(saved {saved.stage1_hash()}, now {cfg.stage1_hash()}); use a new --out folder")
-        return load_checkpoint(last, "stage-1 checkpoint")
-    if (out / "metrics.json").is_file() and not resume:
-        raise PBIPError(f"{out}: already holds a finished run; pass --resume to continue or use a new --out folder")
+        return load_checkpoint(last, "stage-1 checkpoint", keys=STATE_KEYS,
+                               hint=f"start over with --overwrite (this deletes the run; {out / 'best.pt'}, the best "
+                                    "model so far, goes with it: copy it first if you need it)")
     return None
+
+
+def preflight(cfg: Config, data_root: str | Path, bank_path: str | Path, out: Path, resume: bool = False,
+              overwrite: bool = False) -> None:
+    """Everything cheap that can be wrong, checked before a file is written or a step taken: the flags, the output
+    folder, the dataset (labels, image modes, every validation mask) and the bank. One-line errors naming the file."""
+    if resume and overwrite:
+        raise PBIPError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if not Path(data_root).is_dir():
+        raise DataError(f"{data_root}: dataset folder not found")
+    check_output_dir(out)
+    val = cfg.train.val_every > 0 and (Path(data_root) / "val").is_dir()
+    info = preflight_dataset(data_root, splits=("val",) if val else (), train=True)
+    check_bank(load_bank(bank_path), info, bank_path)
 
 
 def _epoch_loader(ds: TrainDataset, cfg: Config, epoch: int, rank: int, world: int, device: str):
@@ -141,11 +164,28 @@ def train(
     device: str | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train stage 1 and return the run's metrics (also in ``out_dir/metrics.json``).
 
-    ``stop_after_epoch`` ends the run after that many epochs as if interrupted (tests of ``resume``).
+    First :func:`preflight` (nothing is written when it fails); then ``out_dir`` is claimed for this process
+    (:mod:`pbip_core.engine.claims`: a second process refuses, naming this one). A folder that holds a run needs
+    ``resume`` (continue from its ``last.pt``) or ``overwrite`` (empty it first). ``stop_after_epoch`` ends the run
+    after that many epochs as if interrupted (tests of ``resume``).
     """
+    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    preflight(cfg, data_root, bank_path, Path(out_dir), resume, overwrite)
+    with claim_run(out_dir, "stage-1 run", enabled=rank == 0):
+        if overwrite and rank == 0:
+            empty_run_folder(Path(out_dir))
+        if world > 1:
+            dist.barrier()
+        return _train(cfg, data_root, bank_path, out_dir, resume, device, progress, stop_after_epoch)
+
+
+def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: str | Path, resume: bool,
+           device: str | None, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
+    """The stage-1 loop of :func:`train`, in a claimed and checked run folder."""
     out = Path(out_dir)
     rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
     if not Path(data_root).is_dir():

@@ -35,12 +35,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import PseudoMaskDataset, SegDataset, list_pairs, load_info
+from ..data import PseudoMaskDataset, SegDataset, list_pairs, list_train, load_info, subset_indices
+from ..data.check import preflight_dataset
 from ..data.folder import prediction_name
-from ..errors import TrainingError
-from ..io import atomic_write_json, save_png
+from ..errors import DataError, PBIPError, TrainingError
+from ..io import MASK_MODES, atomic_write_json, check_output_dir, image_header, save_png
 from ..nets.deeplab import ASPP_RATES, DeepLabV2
 from .checkpoint import load_checkpoint, save_checkpoint
+from .claims import claim_run, empty_run_folder, refuse_partial_run
 from .metrics import SegMetrics
 from .runtime import init_distributed, lr_lambda, resolve_device, rng_state, seed_everything, set_rng_state
 
@@ -161,19 +163,68 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: Any, scheduler: Any, ep
     return losses
 
 
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng")
+
+
+def preflight(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_dir: Path, resume: bool = False,
+              overwrite: bool = False) -> None:
+    """The cheap checks before anything is written: the flags, the output folder, the dataset (labels, image modes,
+    every val/test mask, which are scored only after training) and a pseudo mask of the image's size for every
+    training image (from the files' headers)."""
+    if resume and overwrite:
+        raise PBIPError("--resume continues a run and --overwrite deletes it: pass one of them")
+    check_output_dir(out_dir)
+    preflight_dataset(data_root, splits=("val", "test"), train=True)
+    masks = Path(masks_dir)
+    if not masks.is_dir():
+        raise DataError(f"{masks}: pseudo-mask folder not found (write it with `pbip pseudo --split train`)")
+    items = [p for p, _ in list_train(data_root)]
+    for i in subset_indices(len(items), cfg.data.max_train):
+        img, mask = items[i], masks / items[i].name
+        if not mask.is_file():
+            continue                              # PseudoMaskDataset reports every missing mask at once
+        _, img_hw = image_header(img)
+        mode, mask_hw = image_header(mask)
+        if mode not in MASK_MODES:
+            raise DataError(f"{mask}: pseudo mask must be a P or L mode PNG of class indices, found mode {mode}")
+        if mask_hw != img_hw:
+            raise DataError(f"{mask}: pseudo mask is {mask_hw[1]}x{mask_hw[0]} but training image {img} is "
+                            f"{img_hw[1]}x{img_hw[0]}")
+
+
 def train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_dir: str | Path,
-                 resume: bool = False, device: str | None = None) -> dict[str, Any]:
+                 resume: bool = False, device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train DeepLab-v2 on the pseudo masks in ``masks_dir`` and evaluate on val and test.
 
     Returns ``{"val": metrics, "test": metrics, "history": [...], "out_dir": str}``; writes the files listed in
     the module docstring. Under ``torchrun`` (``WORLD_SIZE > 1``) training uses DistributedDataParallel (gloo on
-    CPU, nccl on GPU) and only rank 0 writes and evaluates.
+    CPU, nccl on GPU) and only rank 0 writes and evaluates. First :func:`preflight` (nothing is written when it
+    fails); then ``out_dir`` is claimed for this process (a second one refuses); a folder that holds a run needs
+    ``resume`` or ``overwrite`` (empty it first).
     """
+    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    preflight(cfg, data_root, masks_dir, Path(out_dir), resume, overwrite)
+    with claim_run(out_dir, "stage-2 run", enabled=rank == 0):
+        if overwrite and rank == 0:
+            empty_run_folder(Path(out_dir))
+        if world > 1:
+            dist.barrier()
+        return _train_stage2(cfg, data_root, masks_dir, out_dir, resume, device)
+
+
+def _train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_dir: str | Path,
+                  resume: bool, device: str | None) -> dict[str, Any]:
+    """The stage-2 loop of :func:`train_stage2`, in a claimed and checked run folder."""
     out_dir = Path(out_dir)
     rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
     is_main = rank == 0
     s2 = cfg.stage2
     info = load_info(data_root)
+    last = out_dir / "last.pt"
+    refuse_partial_run(out_dir, resume)
+    ckpt = (load_checkpoint(last, "stage-2 checkpoint", keys=CHECKPOINT_KEYS,
+                            hint="start over with --overwrite (this deletes the run)")
+            if resume and last.is_file() else None)
     seed_everything(s2.seed)
 
     train_ds = PseudoMaskDataset(data_root, masks_dir, image_size=s2.image_size, augment=cfg.data.augment,
@@ -194,9 +245,7 @@ def train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_
                                                                        power=s2.power))
 
     start_epoch, history = 0, []
-    last = out_dir / "last.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last, "stage-2 checkpoint")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

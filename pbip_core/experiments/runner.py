@@ -6,7 +6,9 @@ stays fixed unless a variant sets it, so seeds vary the training only) -> stage-
 row of ``RESULTS/<name>.csv``: grid, hash, dataset, method, variant, seed, status, wall time, every flat config key
 (dotted), and every metric as ``<stage>.<split>.<metric>`` (per-class IoU as ``<stage>.<split>.iou.<class>``). Rows
 are written atomically under a file lock. Rerunning a grid skips runs whose hash already has status ``ok`` and
-resumes half-finished run folders (``RESULTS/runs/<hash>/``) from their checkpoints.
+resumes half-finished run folders (``RESULTS/runs/<hash>/``) from their checkpoints. A run's folder is claimed
+(:mod:`pbip_core.engine.claims`) before it starts, so a second ``pbip run`` of the same grid skips the runs a live
+process holds, never writes a row for a run it did not execute, and a failed row never replaces an ``ok`` one.
 
 Command line: ``pbip run GRID.yaml [--profile P] [--dataset D] [--dry-run] [--jobs N] [--results DIR]``.
 """
@@ -33,11 +35,12 @@ import torch
 from ..config import Config
 from ..data.manifest import load_manifest
 from ..engine.bank import build_bank, save_bank
+from ..engine.claims import acquire, held_by_another
 from ..engine.metrics import evaluate_dir
 from ..engine.pseudo import write_pseudo_masks
 from ..engine.stage1 import train
 from ..engine.stage2 import train_stage2
-from ..errors import PBIPError
+from ..errors import PBIPError, RunClaimedError
 from ..io import atomic_path
 from ..nets.backbones import available_backbones
 from ..nets.encoders import available_encoders
@@ -72,12 +75,19 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def append_row(path: str | Path, row: Mapping[str, Any]) -> None:
-    """Add (or replace, by hash) one row of the table: read, update, write a temp file, rename; under a lock."""
+    """Add (or replace, by hash) one row of the table: read, update, write a temp file, rename; under a lock.
+
+    A row that is not ``ok`` never replaces an ``ok`` row of the same hash (that result stays; a message says so)."""
     path = Path(path)
     with _locked(path):
         df = load_results(path)
         if len(df) and "hash" in df.columns:
-            df = df[df["hash"].astype(str) != str(row["hash"])]
+            same = df["hash"].astype(str) == str(row["hash"])
+            if row.get("status") != "ok" and "status" in df.columns and (df.loc[same, "status"] == "ok").any():
+                print(f"pbip run: {path}: kept the ok row of {row['hash']}; not replaced by this "
+                      f"{row.get('status')} run ({row.get('error', '')})", file=sys.stderr, flush=True)
+                return
+            df = df[~same]
         new = pd.DataFrame([dict(row)])
         df = new if df.empty else pd.concat([df, new], ignore_index=True, sort=False)
         cols = [c for c in ID_COLUMNS if c in df.columns] + [c for c in df.columns if c not in ID_COLUMNS]
@@ -153,6 +163,27 @@ def _default_step(results_dir: str | Path) -> Step:
 
 
 def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
+    """Claim the run's folder, run it (:func:`_execute`) and record its row.
+
+    A run whose folder another live process holds (a second ``pbip run`` on the same grid), or that another process
+    finished meanwhile, is skipped: the returned row has status ``skipped`` and nothing is written for it.
+    """
+    results_dir = Path(results_dir)
+    run_dir = results_dir / "runs" / spec.hash
+    skipped = {"grid": spec.grid, "hash": spec.hash, "status": "skipped", "wall_time_s": 0.0}
+    try:
+        claim = acquire(run_dir, f"run {spec.label}")
+    except RunClaimedError as e:
+        print(f"pbip run: {spec.label} skipped: {e}", file=sys.stderr, flush=True)
+        return {**skipped, "error": str(e), "claimed": True}
+    with claim:
+        if spec.hash in done_hashes(results_dir / f"{spec.grid}.csv"):
+            print(f"pbip run: {spec.label} skipped: finished by another process meanwhile", flush=True)
+            return {**skipped, "error": "finished by another process"}
+        return _execute(spec, results_dir, step)
+
+
+def _execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
     """Run one spec with ``step`` and record its row (status ok, or failed with the error). KeyboardInterrupt
     propagates without a row, so the run is redone (resumed) next time."""
     results_dir = Path(results_dir)
@@ -192,12 +223,15 @@ def _init_worker(counter: Any, n_gpus: int, threads: int) -> None:
 
 
 def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Path = "results", jobs: int = 1,
-             dry_run: bool = False, step: Step | None = None) -> pd.DataFrame:
+             dry_run: bool = False, step: Step | None = None, wait: bool = False,
+             poll_s: float = 5.0) -> pd.DataFrame:
     """Run every pending run of ``grid`` and return its rows of the results table.
 
     ``step(spec, run_dir) -> {metric column: value}`` defaults to the real pipeline (:func:`pipeline_step`).
     ``jobs > 1`` runs that many processes (spawn); each uses ``cores // jobs`` torch threads and, on a machine
     with GPUs, one GPU chosen round-robin. ``dry_run`` prints the plan and what is missing and runs nothing.
+    Runs another live process holds are skipped (that process writes their rows); with ``wait``, this call waits
+    for them (checking every ``poll_s`` seconds) and runs any that the other process did not finish.
     """
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
     specs = plan(grid)
@@ -211,12 +245,21 @@ def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Pat
     print(f"pbip run: grid {grid.name}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run "
           f"-> {table}", flush=True)
     if jobs <= 1 or len(todo) <= 1:
+        rows = []
         for i, spec in enumerate(todo, 1):
             print(f"pbip run: [{i}/{len(todo)}] {spec.label} ({spec.hash})", flush=True)
-            row = execute(spec, results_dir, step)
-            print(f"pbip run: [{i}/{len(todo)}] {row['status']} in {row['wall_time_s']} s", flush=True)
+            rows.append(execute(spec, results_dir, step))
+            print(f"pbip run: [{i}/{len(todo)}] {rows[-1]['status']} in {rows[-1]['wall_time_s']} s", flush=True)
     else:
-        _run_parallel(todo, results_dir, jobs, step)
+        rows = _run_parallel(todo, results_dir, jobs, step)
+    held = {r["hash"] for r in rows if r.get("claimed")}
+    claimed = [s for s in todo if s.hash in held]
+    if wait and claimed:
+        rows = [r for r in rows if not r.get("claimed")] + _wait_for(claimed, results_dir, step, poll_s)
+    n_skipped = sum(r["status"] == "skipped" for r in rows)
+    if n_skipped:
+        print(f"pbip run: {n_skipped} run(s) skipped: claimed or finished by another process (their rows are "
+              "written by that process)", flush=True)
     df = load_results(table)
     hashes = [s.hash for s in specs]
     if df.empty:
@@ -226,7 +269,29 @@ def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Pat
     return df.sort_values("hash", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
 
 
-def _run_parallel(todo: list[RunSpec], results_dir: str | Path, jobs: int, step: Step | None) -> None:
+def _wait_for(specs: list[RunSpec], results_dir: str | Path, step: Step | None, poll_s: float
+              ) -> list[dict[str, Any]]:
+    """Wait until no live process holds these runs, then run each one whose row is not ``ok`` by then."""
+    print(f"pbip run: waiting for {len(specs)} run(s) held by another process", flush=True)
+    rows: list[dict[str, Any]] = []
+    pending = list(specs)
+    while pending:
+        time.sleep(poll_s)
+        still = []
+        for spec in pending:
+            if held_by_another(Path(results_dir) / "runs" / spec.hash):
+                still.append(spec)
+                continue
+            row = execute(spec, results_dir, step)
+            if row.get("claimed"):                    # claimed again in the meantime: keep waiting
+                still.append(spec)
+            else:
+                rows.append(row)
+        pending = still
+    return rows
+
+
+def _run_parallel(todo: list[RunSpec], results_dir: str | Path, jobs: int, step: Step | None) -> list[dict[str, Any]]:
     n_gpus = torch.cuda.device_count()
     ctx = mp.get_context("spawn")
     counter = ctx.Value("i", 0)
@@ -234,10 +299,12 @@ def _run_parallel(todo: list[RunSpec], results_dir: str | Path, jobs: int, step:
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(counter, n_gpus, threads)) as pool:
         futures = {pool.submit(execute, spec, results_dir, step): spec for spec in todo}
+        rows = []
         for n, fut in enumerate(as_completed(futures), 1):
             spec = futures[fut]
-            row = fut.result()
+            rows.append(row := fut.result())
             print(f"pbip run: [{n}/{len(todo)}] {spec.label}: {row['status']} in {row['wall_time_s']} s", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- dry run
