@@ -111,6 +111,25 @@ def test_train_split_pseudo_masks_use_file_labels(setup, tmp_path):
         assert values <= set(np.flatnonzero(label))
 
 
+def test_pseudo_labels_of_the_config_change_the_test_masks(setup, tmp_path):
+    """Issue 12.2: ``--set pseudo.labels=predicted`` is read by `pbip pseudo` (its --labels default) and
+    write_pseudo_masks; on test it changes the masks against the GT-present classes."""
+    _, data, bank = setup
+    run = tmp_path / "pred"
+    assert cli(["train", "--data", str(data), "--bank", str(bank), "--out", str(run), "--profile", "smoke",
+                "--set", "method=cam", "--set", "pseudo.labels=predicted"]) == 0
+    masks = {}
+    for name, extra in (("default", []), ("gt", ["--labels", "gt"]), ("predicted", ["--labels", "predicted"])):
+        out = tmp_path / name
+        assert cli(["pseudo", "--run", str(run), "--data", str(data), "--split", "test", "--out", str(out),
+                    *extra]) == 0
+        masks[name] = [read_mask(out / m.name) for _, m in list_pairs(data, "test")]
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(masks[a], masks[b]))  # noqa: E731
+    assert not same("gt", "predicted"), "precondition: the classifier's classes differ from the GT's on some image"
+    assert same("default", "predicted")
+    assert not same("default", "gt")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_ddp_two_cpu_processes(setup, tmp_path):
     _, data, bank = setup
