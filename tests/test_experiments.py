@@ -261,3 +261,16 @@ def test_figure4_random_banks_follow_the_run_seed(tmp_path):
     assert len({banks[("random", k)] for k in (0, 1, 2)}) == 3
     assert {seeds[("cluster", k)] for k in (0, 1, 2)} == {0}
     assert len({banks[("cluster", k)] for k in (0, 1, 2)}) == 1
+
+
+def test_pbip_pseudo_checkpoint_default_follows_the_run_config(tmp_path):
+    """`pbip pseudo` without --checkpoint: best.pt, or last.pt on val/test when pseudo.test_checkpoint=last."""
+    from pbip_core.config import make_config
+    from pbip_core.engine.pseudo import default_checkpoint
+
+    for ckpt, want in (("best", "best.pt"), ("last", "last.pt")):
+        run = tmp_path / ckpt
+        run.mkdir()
+        make_config("smoke", {"pseudo.test_checkpoint": ckpt}).save(run / "config.yaml")
+        assert default_checkpoint(run, "test") == want and default_checkpoint(run, "val") == want
+        assert default_checkpoint(run, "train") == "best.pt"

@@ -90,7 +90,9 @@ def pseudo_arguments(p: argparse.ArgumentParser) -> None:
                    help="val/test: restrict the argmax to the classes present in the GT mask (the official code's "
                         "protocol; the paper is silent) or to the classifier's predicted classes "
                         "(default: the run config's pseudo.labels)")
-    p.add_argument("--checkpoint", default="best.pt", help="best.pt (best validation epoch) or last.pt")
+    p.add_argument("--checkpoint", default=None,
+                   help="best.pt (best validation epoch) or last.pt (default: best.pt; on val/test last.pt when the run "
+                        "config's pseudo.test_checkpoint is last)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: auto)")
 
 

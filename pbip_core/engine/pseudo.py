@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import load_config
 from ..data import SegDataset, TrainDataset, load_info
 from ..errors import DataError
 from ..io import read_rgb, save_png
@@ -84,12 +85,23 @@ def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: 
     return met.compute()
 
 
+def default_checkpoint(run_dir: str | Path, split: str) -> str:
+    """The weights a split's pseudo masks come from: ``best.pt``, or ``last.pt`` on val/test when the run's
+    ``pseudo.test_checkpoint`` is ``last``."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    last = split != "train" and cfg_path.is_file() and load_config(cfg_path).pseudo.test_checkpoint == "last"
+    return "last.pt" if last else "best.pt"
+
+
 def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path,
-                       labels: str | None = None, device: str = "auto", checkpoint: str = "best.pt",
+                       labels: str | None = None, device: str = "auto", checkpoint: str | None = None,
                        progress: bool = True) -> Path:
     """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette).
 
-    ``labels`` None = the run configuration's ``pseudo.labels``."""
+    ``labels`` None = the run configuration's ``pseudo.labels``; ``checkpoint`` None = ``best.pt``, or ``last.pt`` on
+    val/test when the run configuration's ``pseudo.test_checkpoint`` is ``last`` (the official code)."""
+    if checkpoint is None:
+        checkpoint = default_checkpoint(run_dir, split)
     device = resolve_device(device)
     classnet, cfg = load_classnet(run_dir, checkpoint, device)
     info = load_info(data_root)
