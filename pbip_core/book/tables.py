@@ -394,7 +394,8 @@ def foreground_share(m: torch.Tensor, present: torch.Tensor, deltas: Sequence[fl
     """Share of foreground pixels of b (eq. 4) over the (image, class) pairs present, for each delta.
 
     m (B, N, H, W) in [0, 1]; present (B, N) bool. Also the share of the soft FG weight b * M and of M itself
-    ("no AT": FG = M). Returns one row per delta.
+    ("no AT": FG = M). Returns one row per delta. (``scope="global"`` on a min-max scaled m equals the class scope:
+    the official threshold needs the un-normalised map, see :func:`pbip_core.method.model.match_masks`.)
     """
     sel = present.bool()
     rows = []
