@@ -1,20 +1,30 @@
-"""One stage-1 training step (sec. 3.3-3.5, eq. 2-13): the official code's structure against ours.
+"""One stage-1 training step (sec. 3.3-3.5, eq. 2-13): a one-graph reference step against ours.
 
     python benchmarks/stage1_step.py [--json OUT] [--encoder medclip] [--backbone mit_b1] [--steps 5] [--warmup 1]
                                      [--size 224] [--batch 10] [--positives 2] [--encoder-chunk 8]
-                                     [--modes reference,exact,pooled] [--device cpu|cuda] [--amp] [--text-tower]
+                                     [--method pbip|official] [--modes reference,exact,pooled] [--device cpu|cuda]
+                                     [--amp] [--text-tower]
 
-Modes (same model, batch, prototypes and loss; only how X_FG / X_BG reach the frozen encoder differs):
+``--method`` picks the configuration every mode runs: ``pbip`` (default: the paper's method, profile ``paper``) or
+``official`` (the ``official`` preset: 4 levels with the last at stride 16, FG/BG images from the last level's
+sub-class CAMs min-max scaled, raw encoder features against the raw prototypes, the batch InfoNCE, the CAM term).
+
+Modes (same model, batch, prototypes and loss; only how X_FG / X_BG reach the encoder differs):
 
 ``reference``
-    the official structure re-created: encoder weights requiring grad (weight gradients computed, never used, never
-    zeroed), X_FG and X_BG encoded by two separate batched calls whose graphs are both alive until the one backward.
+    one graph, the way the official code runs its encoder: encoder weights requiring grad (weight gradients computed,
+    never used, never zeroed), X_FG and X_BG encoded by two separate batched calls whose graphs are both alive until
+    the one backward. With ``--method official`` this is the official step as written (train_stage_1.py), in this
+    library's terms; with ``--method pbip`` it is the paper's method run that way, **not** the official step (the
+    official code's own step, timed beside it in issue 12 at batch 10 x 224, 30 pairs, fp32, 2 threads, random
+    weights: 16.1 s and 11.2 GB, against 23.1 s / 10.3 GB for this mode and 10.2 s / 2.8 GB for ``exact``).
     (The official code also builds an unused ~109M-parameter text tower; ``--text-tower`` builds a BERT-base of that
     size beside it to mirror the memory; off by default.)
 ``exact``
     ours: frozen encoder and :func:`pbip_core.engine.step.forward_backward`: chunks of ``--encoder-chunk``
     images (FG and BG of ``chunk // 2`` pairs in one call) are encoded, back-propagated to their masked images and freed
-    one after the other; one backward through the backbone. Same mathematics as ``reference``; checked here.
+    one after the other (the batch InfoNCE of ``--method official`` takes the two-pass path: one more encoder forward);
+    one backward through the backbone. Same mathematics as ``reference``; checked here.
 ``exact_plain``
     (optional) the DDP path of ``pbip_core.engine.step``: ``model(x, y)``, ``total_loss``, ``backward()``; frozen
     encoder, ``encode_chunked`` (checkpointed chunks when ``--encoder-chunk`` > 0, one call when 0).
@@ -50,7 +60,7 @@ from pbip_core.config import Config, make_config  # noqa: E402
 from pbip_core.engine.build import build_model  # noqa: E402
 from pbip_core.engine.step import forward_backward  # noqa: E402
 from pbip_core.method.losses import LossTerms, total_loss  # noqa: E402
-from pbip_core.method.model import PBIP, positive_pairs, separate  # noqa: E402
+from pbip_core.method.model import PBIP, positive_pairs  # noqa: E402
 from pbip_core.nets.backbones import get_backbone  # noqa: E402
 from pbip_core.nets.encoders import get_encoder  # noqa: E402
 
@@ -73,10 +83,7 @@ class Setup:
     pairs: torch.Tensor | None = None   # (P, 2) positive (image, class) pairs, computed from the CPU labels
     amp: bool = False
     text_tower: torch.nn.Module | None = None
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.y.sum())
+    n_pairs: int = 0                    # FG/BG pairs of the first step (sub-class pairs with --method official)
 
 
 def make_batch(batch: int, size: int, n_classes: int, positives: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,18 +101,22 @@ def make_batch(batch: int, size: int, n_classes: int, positives: int, seed: int)
 def build_setup(encoder: str | torch.nn.Module = "medclip", backbone: str | torch.nn.Module = "mit_b1",
                 size: int = 224, batch: int = 10, positives: int = 2, n_classes: int = 4, k: int = 3,
                 encoder_chunk: int = 8, fgbg: str = "exact", device: str = "cpu", seed: int = 0,
-                amp: bool = False, channels_last: bool = False) -> Setup:
-    """The paper profile's stage-1 model with random-init weights (offline), a fixed batch and AdamW.
+                amp: bool = False, channels_last: bool = False, method: str = "pbip",
+                overrides: dict[str, Any] | None = None) -> Setup:
+    """The paper profile's stage-1 model (``method`` ``pbip`` or ``official``) with random-init weights (offline), a
+    fixed batch and AdamW.
 
     ``encoder`` / ``backbone``: a name (random-init architecture from pbip_core) or a module (tests pass small ones).
     Everything is drawn from ``seed`` in a fixed order, so every mode starts from identical weights and data.
     """
     torch.manual_seed(seed)
-    bb = get_backbone(backbone, pretrained=False) if isinstance(backbone, str) else backbone
+    cfg = make_config("paper", {"method": method, "model.pretrained": False, "model.fgbg": fgbg,
+                                "train.encoder_chunk": encoder_chunk, "train.amp": amp,
+                                "train.channels_last": channels_last, **(overrides or {})})
+    bb = (get_backbone(backbone, pretrained=False, output_stride=cfg.model.output_stride)
+          if isinstance(backbone, str) else backbone)
     enc = get_encoder(encoder, random_init=True) if isinstance(encoder, str) else encoder
     protos = torch.nn.functional.normalize(torch.randn(n_classes, k, enc.dim), dim=-1)   # P (N, K, d)
-    cfg = make_config("paper", {"model.pretrained": False, "model.fgbg": fgbg, "train.encoder_chunk": encoder_chunk,
-                                "train.amp": amp, "train.channels_last": channels_last})
     model = build_model(cfg, protos, enc, bb).to(device)
     model.train()
     x, y = make_batch(batch, size, n_classes, positives, seed)
@@ -115,7 +126,9 @@ def build_setup(encoder: str | torch.nn.Module = "medclip", backbone: str | torc
         x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    return Setup(cfg, model, x, y, opt, device, pairs, amp)
+    with torch.no_grad():                                # how many FG/BG pairs the first step builds
+        n_pairs = int(model.matcher.select_pairs(model.classnet(x), y, pairs).shape[0])
+    return Setup(cfg, model, x, y, opt, device, pairs, amp, n_pairs=n_pairs)
 
 
 def _autocast(s: Setup) -> Any:
@@ -124,24 +137,25 @@ def _autocast(s: Setup) -> Any:
 
 
 def _loss(s: Setup, out, fg, bg, pairs) -> LossTerms:
-    return total_loss(out.logits.float(), s.y, fg, bg, out.protos, pairs, s.cfg.loss, last_map=out.maps[-1])
+    return total_loss(out.logits.float(), s.y, fg, bg, s.model.loss_prototypes(out), pairs, s.cfg.loss,
+                      last_map=out.maps[-1] * out.scale[-1])
 
 
 # ---------------------------------------------------------------------- one step per mode
 def reference_step(s: Setup) -> LossTerms:
-    """The official structure: two batched encoder calls (X_FG, X_BG), both graphs alive, encoder weights with grad."""
+    """One graph: two batched encoder calls (X_FG, X_BG), both graphs alive, encoder weights with grad (the official
+    code's handling of its encoder; with ``--method official`` the official step as written)."""
     m = s.model
     s.opt.zero_grad(set_to_none=True)                    # zeroes the ClassNet only: encoder grads accumulate
     with _autocast(s):
         out = m.classnet(s.x)
-        mm = m.matcher.masks(s.x, out.maps)
-        pairs = s.pairs
-        x_fg, x_bg = separate(s.x, mm.fg, mm.bg, pairs)
+        mm = m.matcher.masks(s.x, out)
+        pairs = m.matcher.select_pairs(out, s.y, s.pairs)
+        x_fg, x_bg = m.matcher.images(s.x, mm, m.matcher.channels(out, pairs))
         f_fg = m.matcher.encoder.encode(x_fg)              # graph 1
         f_bg = m.matcher.encoder.encode(x_bg)              # graph 2, both kept for the backward
-        fg = [mlp(f_fg) for mlp in m.classnet.mlps]
-        bg = [mlp(f_bg) for mlp in m.classnet.mlps]
-        terms = _loss(s, out, fg, bg, pairs)
+        heads = m.matcher.heads(m.classnet.mlps)
+        terms = _loss(s, out, [h(f_fg) for h in heads], [h(f_bg) for h in heads], pairs)
     terms.total.backward()
     s.opt.step()
     return terms
@@ -153,9 +167,9 @@ def exact_step(s: Setup) -> LossTerms:
     s.opt.zero_grad(set_to_none=True)
     with _autocast(s):
         out = m.classnet(s.x)
-        _, terms = forward_backward(m.matcher, s.x, out.maps, s.y, m.classnet.mlps,
+        _, terms = forward_backward(m.matcher, s.x, out, s.y, m.classnet.mlps,
                                     lambda fg, bg, pairs: _loss(s, out, fg, bg, pairs), s.cfg.train.encoder_chunk,
-                                    s.pairs)
+                                    s.pairs, separable=s.cfg.loss.nce == "pair")
     s.opt.step()
     return terms
 
@@ -260,7 +274,7 @@ def run_mode(mode: str, args: argparse.Namespace, record_path: str | None = None
     """Build, run ``warmup`` + ``steps`` steps of ``mode``, measure; the first step's loss/grads go to ``record_path``."""
     t0 = time.perf_counter()
     s = build_setup(args.encoder, args.backbone, args.size, args.batch, args.positives, args.classes, args.k,
-                    args.encoder_chunk, "exact", args.device, args.seed, args.amp, args.channels_last)
+                    args.encoder_chunk, "exact", args.device, args.seed, args.amp, args.channels_last, args.method)
     prepare_mode(s, mode, args.text_tower)
     build_s = time.perf_counter() - t0
     step = STEPS[mode]
@@ -288,7 +302,7 @@ def _child_argv(args: argparse.Namespace, mode: str, out: Path, record: Path) ->
     argv = [sys.executable, str(Path(__file__).resolve()), "--_child", mode, "--_child-out", str(out),
             "--_record", str(record)]
     for key in ("encoder", "backbone", "steps", "warmup", "size", "batch", "positives", "classes", "k",
-                "encoder_chunk", "device", "seed", "threads"):
+                "encoder_chunk", "device", "seed", "threads", "method"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for flag in ("amp", "channels_last", "text_tower", "no_flops"):
         if getattr(args, flag):
@@ -329,7 +343,8 @@ def summarize(results: dict[str, dict[str, Any]], check: dict[str, Any] | None, 
         out["floor_fraction"] = {m: round(floor[m] / r["median_s"], 4) for m, r in results.items()}
     out.update({
         "gflops_machine": round(gflops, 1), "device": args.device, "encoder": args.encoder, "backbone": args.backbone,
-        "weights": RANDOM_WEIGHTS, "size": args.size, "batch": args.batch, "positives": args.positives,
+        "weights": RANDOM_WEIGHTS, "method": args.method, "size": args.size, "batch": args.batch,
+        "positives": args.positives,
         "classes": args.classes, "pairs": next(iter(results.values()))["n_pairs"] if results else 0,
         "encoder_chunk": args.encoder_chunk, "amp": args.amp, "channels_last": args.channels_last,
         "text_tower": args.text_tower, "steps": args.steps, "warmup": args.warmup,
@@ -342,7 +357,8 @@ def summarize(results: dict[str, dict[str, Any]], check: dict[str, Any] | None, 
 def print_table(summary: dict[str, Any]) -> None:
     modes = summary["modes"]
     ref = modes.get("reference", {}).get("median_s")
-    print(f"\nstage-1 step: {summary['backbone']} + {summary['encoder']} ({summary['weights']}), "
+    print(f"\nstage-1 step, method {summary['method']}: {summary['backbone']} + {summary['encoder']} "
+          f"({summary['weights']}), "
           f"batch {summary['batch']} x {summary['size']} px, {summary['pairs']} pairs, device {summary['device']}, "
           f"encoder_chunk {summary['encoder_chunk']}")
     ref_cpu = modes.get("reference", {}).get("median_cpu_s")
@@ -385,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-chunk", type=int, default=8,
                    help="images per encoder call in exact / exact_plain (0 = all in one call)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--method", default="pbip", choices=["pbip", "official"],
+                   help="the configuration every mode runs: the paper's method, or the official preset (then "
+                        "`reference` is the official step's structure)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU only; ignored on CPU)")
     p.add_argument("--channels-last", action="store_true", help="channels_last images and model")

@@ -11,7 +11,12 @@ Method presets (``--set method=...``) switch the method on top of a profile:
 
 * ``pbip``: the paper (default).
 * ``cam``: baseline CAM; a 1x1-conv head on the same backbone, L_CLS only, same schedule.
-* ``official``: the public code's behaviour as listed in docs/DESIGN.md ("What the official code does differently").
+* ``official``: the public code's behaviour (QingchenTang/PBIP, BCSS-WSSS stage 1), each difference behind its own
+  key; ``pbip_core.book.tables.DIFFERENCES`` lists them with the official file and function, chapter 09 measures them.
+
+Seed rule: ``bank.seed_from_train=true`` sets ``bank.seed`` to ``train.seed`` (applied last, after every override), so
+a grid over seeds draws Figure 4's random sub-banks anew per run, as the paper's ten draws; the default keeps the bank
+fixed while the seeds vary the training.
 
 Resolution order: profile defaults -> YAML file (``--config``) -> ``method`` preset -> ``--set`` overrides. A preset
 only changes the keys it names, so ``--set method=official --set train.lr=1e-5`` keeps the override.
@@ -48,7 +53,8 @@ DEVICE_CHOICES = "auto | cpu | cuda | cuda:N | mps"
 class DataConfig:
     root: str = "data/synth"          # dataset folder (docs/DESIGN.md format)
     image_size: int = 224             # images are resized to this square size for training
-    augment: bool = True              # flips + rot90 (sec. 4.1)
+    augment: bool = True              # random flips + rot90: a reading (the paper names no augmentation; the official
+                                      # code's albumentations HorizontalFlip + VerticalFlip + RandomRotate90)
     num_workers: int = 0
     max_train: int = 0                # 0 = all training images; >0 caps them (smoke runs)
 
@@ -64,7 +70,8 @@ class BankConfig:
     selection: Literal["cluster", "random", "centroid"] = "cluster"   # paper | Fig. 4 | official: centres, all images
     kmeans_iters: int = 100
     kmeans_restarts: int = 5
-    seed: int = 0
+    seed: int = 0                     # K-means seeds (seed + n) and random sub-banks (seed * 1000 + n)
+    seed_from_train: bool = False     # True: bank.seed := train.seed (Fig. 4's random sub-banks drawn per run seed)
     batch_size: int = 32
 
 
@@ -76,12 +83,36 @@ class ModelConfig:
     sim: bool = True                  # eq. 2 cosine SIM head; False = 1x1 conv head (Table 5)
     at: bool = True                   # adaptive threshold (eq. 4); False = b = 1 everywhere (Table 5)
     delta: float = 0.15               # eq. 4
-    threshold_scope: Literal["class", "global"] = "class"   # max per image and class (paper) | over all channels (official)
-    proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i
-    logit_scale: float = 10.0         # s in sigmoid(s * GAP(M_i)) (eq. 7 reading, see model.py); official: learnable, 1/0.07
+    # eq. 4: "class" = tau per image and class on the min-max scaled map (paper); "global" = tau = delta x the max
+    # over all channels of the un-normalised map M' (official: MaskAdapter_DynamicThreshold on the raw CAM logits)
+    threshold_scope: Literal["class", "global"] = "class"
+    proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i (official: 256 =
+                                      # 0.5 x the 512-d prototypes, AdaptiveLayer n_ratio)
+    logit_scale: float = 10.0         # s in sigmoid(s * GAP(M_i)): a reading (eq. 7 gives none; model.py, losses.py);
+                                      # official: learnable per level, initialised to 1/0.07
     learn_logit_scale: bool = False
     normalize_prototypes: bool = True # official code leaves projected prototypes unnormalised
     fgbg: Literal["exact", "pooled"] = "exact"   # encode X_FG and X_BG (paper) | pool the image's features (approx.)
+    output_stride: int = 32           # stride of the last backbone stage: 32 (strides 4, 8, 16, 32) | 16 (official:
+                                      # MiT-B1 built with stride [4, 2, 2, 1], so F_4 stays at H/16)
+    # Backbone input: "backbone" = RGB with the backbone's own mean/std (ImageNet) | "official" = BGR (cv2.imread)
+    # normalised with the official code's mean (0.668, 0.478, 0.706) / std (0.174, 0.226, 0.198), in BGR order
+    input_norm: Literal["backbone", "official"] = "backbone"
+    # FG/BG maps of eq. 3-5: "all" = M' = sum over the used levels (eq. 3) | "last" = the last used level's CAM only
+    # (official: FeatureExtractor.process_batch(inputs, cam4, ...); cam1-3 are detached in ClsNetwork.forward)
+    cam_source: Literal["all", "last"] = "all"
+    # which (image, class) pairs get FG/BG images: "class" = every positive class, its map averaged over the K
+    # prototypes (eq. 2) | "subclass" = per sub-class (prototype) map, the sub-classes whose last-level logit exceeds
+    # the mean of their class's K logits, of positive classes (official: cls4_bir = (cls4 > cls4_expand) * labels)
+    pairs: Literal["class", "subclass"] = "class"
+    # eq. 5: "paper" = X_FG = b M X, X_BG = (1 - b)(1 - M) X with M min-max scaled | "official" = FG = CAM * X and
+    # BG = (1 - CAM) * X on the raw CAM logits, min-max scaled per RGB channel, then masked by b and 1 - b
+    # (FeatureExtractor.extract_features + get_masked_features)
+    separation: Literal["paper", "official"] = "paper"
+    # where L_FGS / L_BGS compare: "projected" = MLP_i(phi(X_FG)) with P_i = MLP_i(P) at every level (this book's
+    # reading of eq. 10, 12) | "encoder" = phi(X_FG) with the raw prototypes P, once (official: pair_features(...,
+    # l_fea, ...) with the unprojected prototype file)
+    fgbg_space: Literal["projected", "encoder"] = "projected"
 
 
 @dataclass
@@ -94,8 +125,13 @@ class LossConfig:
     fgs: bool = True                  # switch L_FGS on/off (Table 2)
     bgs: bool = True                  # switch L_BGS on/off (Table 2)
     cls: bool = True
-    cls_level_weights: tuple[float, ...] = ()   # () = 1 for every level (eq. 8); official: 0, 0.1, 1, 1
-    cam_reg: float = 0.0              # official: 0.0005 * mean(CAM of the last level)
+    cls_level_weights: tuple[float, ...] = ()   # () = 1 for every level (eq. 8); official: 0, 0.1, 1, 1.5 (l1-l4)
+    cam_reg: float = 0.0              # weight of mean(last level's CAM logits) inside beta's bracket (official: 0.0005,
+                                      # loss = cls + l5 * (fg + bg + 0.0005 * mean(cam4)))
+    # eq. 9-12 reduction: "pair" = -log(e^pos / (e^pos + e^neg)) per pair with summed / averaged similarities, mean over
+    # pairs (eq. 9-12) | "batch" = one ratio for the batch: exp of every prototype similarity, summed over the pair's
+    # prototypes and over the batch before the log (official: InfoNCELossFG / InfoNCELossBG in utils/contrast_loss.py)
+    nce: Literal["pair", "batch"] = "pair"
 
 
 @dataclass
@@ -105,13 +141,15 @@ class TrainConfig:
     batch_size: int = 10
     lr: float = 1e-5
     weight_decay: float = 0.003
-    schedule: Literal["constant", "linear", "poly"] = "constant"   # official: linear decay
+    schedule: Literal["constant", "linear", "poly"] = "constant"   # a reading (sec. 4.1 names none); official: linear
+                                                                   # decay (PolyWarmupAdamW, power 1, no warm-up)
     warmup_steps: int = 0
     device: str = "auto"              # "auto" = cuda if available else cpu
     # FG/BG images per encoder call in the exact chunked step (0 = all 2P in one call). Same mathematics whatever
     # the value; 8 measured fastest on CPU (benchmarks/README.md) and caps the encoder's live graph at 8 images.
     encoder_chunk: int = 8
-    amp: bool = False                 # bf16 autocast on GPU
+    amp: bool = False                 # bf16 autocast on GPU (the paper profile's choice, not the paper's; the official
+                                      # code uses fp16 autocast with a GradScaler)
     val_every: int = 1                # validate pseudo masks every N epochs (0 = never)
     max_val: int = 0                  # cap validation images (0 = all)
     log_every: int = 10
@@ -121,10 +159,24 @@ class TrainConfig:
 @dataclass
 class PseudoConfig:
     level_weights: tuple[float, ...] = ()   # () = equal weights over the used levels
-    labels: Literal["gt", "predicted"] = "gt"   # val/test: classes present in the GT mask | the classifier's
+    # val/test: the classes the argmax may choose: present in the GT mask (a reading: the paper is silent; the official
+    # code's BCSSTestDataset derives them from the mask) | the classifier's own prediction. Read by stage-1
+    # validation, `pbip pseudo` (default of --labels) and the runner's pipeline.
+    labels: Literal["gt", "predicted"] = "gt"
     predict_threshold: float = 0.5    # image-label threshold for labels="predicted"
-    white_background: bool = True    # pixels that are white in the image become background_index
+    white_background: bool = True    # a reading (the paper names no background rule): white pixels -> background_index
     white_threshold: float = 0.85     # a pixel is white if min(R,G,B)/255 > this (after a 3x3 median)
+    # merge of the K sub-maps of a class: "mean" (eq. 2) | "softmax" = sum_k softmax_k(s M_k) M_k per pixel (official
+    # merge_test "max": merge_subclass_cams_to_parent)
+    merge: Literal["mean", "softmax"] = "mean"
+    # per-level CAM before fusion: "none" | "relu_minmax" = ReLU, min-max per channel, absent classes zeroed
+    # (official: utils/validate.py get_seg_label)
+    cam_norm: Literal["none", "relu_minmax"] = "none"
+    tta: bool = False                 # val/test: mean over horizontal flip x input scaling 0.9/1.0/1.1 (official: ttach in
+                                      # validate(); the train-split masks for stage 2 are made without it)
+    # stage-1 weights scored on val/test by the pipeline: the best validation epoch (this book) | the last
+    # iteration's (official: test runs on the model after the loop; best_cam.pth only makes the train CAMs)
+    test_checkpoint: Literal["best", "last"] = "best"
 
 
 @dataclass
@@ -225,16 +277,21 @@ _METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "official": {
         "model.levels": (1, 2, 3, 4), "model.normalize_prototypes": False, "model.learn_logit_scale": True,
         "model.logit_scale": 1 / 0.07, "model.threshold_scope": "global", "model.delta": 0.5,
+        "model.output_stride": 16, "model.input_norm": "official", "model.cam_source": "last",
+        "model.pairs": "subclass", "model.separation": "official", "model.fgbg_space": "encoder",
         "bank.selection": "centroid",
-        "loss.cls_level_weights": (0.0, 0.1, 1.0, 1.0), "loss.beta": 0.1, "loss.theta1": 1.0,
-        "loss.theta2": 1.0, "loss.tau": 0.07, "loss.cam_reg": 0.0005,
+        "loss.cls_level_weights": (0.0, 0.1, 1.0, 1.5), "loss.beta": 0.1, "loss.theta1": 1.0,
+        "loss.theta2": 1.0, "loss.tau": 0.07, "loss.cam_reg": 0.0005, "loss.nce": "batch",
         "train.schedule": "linear",
         "pseudo.level_weights": (0.0, 0.3, 0.3, 0.4), "pseudo.white_background": False,
+        "pseudo.merge": "softmax", "pseudo.cam_norm": "relu_minmax", "pseudo.tta": True,
+        "pseudo.test_checkpoint": "last",
     },
 }
 
-# Keys whose preset value only applies on top of the paper profile (the CPU profiles keep their scale).
-_PAPER_ONLY_OFFICIAL = {"train.lr": 5e-5, "train.weight_decay": 1e-3, "train.epochs": 8}
+# Keys whose preset value only applies on top of the paper profile (the CPU profiles keep their scale; the MLP width
+# 256 = 0.5 x the 512-d MedCLIP prototypes of the official code).
+_PAPER_ONLY_OFFICIAL = {"train.lr": 5e-5, "train.weight_decay": 1e-3, "train.epochs": 8, "model.proj_hidden": 256}
 
 
 def profile_overrides(profile: str) -> dict[str, Any]:
@@ -271,7 +328,16 @@ def make_config(
     cfg.method = str(method)
     apply_overrides(cfg, method_preset(cfg.method, profile))
     apply_overrides(cfg, ov)
+    apply_seed_rule(cfg)
     validate(cfg)
+    return cfg
+
+
+def apply_seed_rule(cfg: Config) -> Config:
+    """``bank.seed_from_train``: the bank's seed follows the run's ``train.seed`` (Figure 4's random sub-banks are
+    drawn anew per seed; the cluster selection stays a function of ``bank.seed`` alone)."""
+    if cfg.bank.seed_from_train:
+        cfg.bank.seed = cfg.train.seed
     return cfg
 
 
@@ -437,6 +503,11 @@ def validate(cfg: Config) -> None:
          "loss.cls_level_weights needs one weight per entry of model.levels"),
         (not cfg.pseudo.level_weights or len(cfg.pseudo.level_weights) == len(cfg.model.levels),
          "pseudo.level_weights needs one weight per entry of model.levels"),
+        (cfg.model.output_stride in (8, 16, 32), "model.output_stride must be 8, 16 or 32"),
+        (not (cfg.model.fgbg == "pooled" and cfg.model.separation == "official"),
+         "model.fgbg=pooled cannot build the official FG/BG images (model.separation=official); use fgbg=exact"),
+        (not cfg.bank.seed_from_train or cfg.bank.seed == cfg.train.seed,
+         "bank.seed_from_train=true needs bank.seed == train.seed (make_config sets it)"),
     ]
     for ok, msg in checks:
         if not ok:

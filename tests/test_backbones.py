@@ -52,10 +52,22 @@ def test_resnet101_output_stride_8():
 
 
 def test_output_stride_unsupported():
-    with pytest.raises(ConfigError, match="output_stride=32 only"):
+    with pytest.raises(ConfigError, match="output_stride 32 or 16"):
         get_backbone("mit_b1", pretrained=False, output_stride=8)
     with pytest.raises(ConfigError, match="output_stride must be"):
         get_backbone("resnet18", pretrained=False, output_stride=4)
+
+
+def test_mit_b1_output_stride_16_is_the_official_strides():
+    """model.output_stride=16 (official: MiT-B1 with stride [4, 2, 2, 1]): stage 4 stays at H/16, same weights."""
+    import torch
+
+    b32 = get_backbone("mit_b1", pretrained=False)
+    b16 = get_backbone("mit_b1", pretrained=False, output_stride=16)
+    assert b16.model.config.strides == [4, 2, 2, 1]
+    shapes = [tuple(f.shape[-2:]) for f in b16(torch.rand(1, 3, 64, 64))]
+    assert shapes == [(16, 16), (8, 8), (4, 4), (4, 4)]
+    assert {k: v.shape for k, v in b16.state_dict().items()} == {k: v.shape for k, v in b32.state_dict().items()}
 
 
 def test_unknown_backbone():

@@ -251,15 +251,28 @@ def test_cli_in_process_writes_the_keys(tmp_path, monkeypatch):
     assert d["reference_exact_check"]["equal"]
     assert d["pairs"] == 4 and d["gflops_machine"] > 0
     assert d["speedup"] == pytest.approx(d["reference_s"] / d["exact_s"], rel=1e-2)
-    assert "random" in d["weights"]
+    assert "random" in d["weights"] and d["method"] == "pbip"
+
+
+def test_cli_official_method_reference_equals_exact(tmp_path, monkeypatch):
+    """--method official: the reference step follows the official structure (sub-class pairs from the last level's
+    CAM, official FG/BG images, raw-space features, batch InfoNCE) and the exact step (its two-pass path) agrees."""
+    monkeypatch.setattr(S, "build_setup", _small_build(S.build_setup))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "o.json"
+    rc = S.main(["--size", "32", "--batch", "2", "--positives", "2", "--steps", "1", "--warmup", "1", "--no-flops",
+                 "--modes", "reference,exact", "--in-process", "--method", "official", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["method"] == "official" and d["reference_exact_check"]["equal"] and d["pairs"] > 0
 
 
 def _small_build(orig):
     def build(encoder, backbone, size, batch, positives, n_classes, k, encoder_chunk, fgbg, device, seed, amp,
-              channels_last):
+              channels_last, method="pbip"):
         torch.manual_seed(seed)
         return orig(_small_swin(), TinyBackbone(), size, batch, positives, n_classes, k, encoder_chunk, fgbg, device,
-                    seed, amp, channels_last)
+                    seed, amp, channels_last, method)
     return build
 
 

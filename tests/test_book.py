@@ -345,13 +345,15 @@ def _check_07(nb):
     assert "CLS+FGS+BGS" in html and "SIM+AT" in html and "100 clustering" in html
     assert "weights not available offline" in html or "weights available" in html, "chapter 07: Table 3 status"
     assert "no numbers for Figure 3" in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "s = 1" in html and "no white rule" in html, "chapter 07: the readings switched back"
     assert len(texts(nb, "image/png")) >= 3, "chapter 07: Table 2 bars, Figure 3, Figure 4"
 
 
 def _check_09(nb):
     html = _tables(nb)
     for marker in ("temperature of eq. 9, 11", "mask threshold (eq. 4)", "official preset",
-                   "pooled FG/BG (approximation)", "stage-1 training (s)"):
+                   "pooled FG/BG (approximation)", "stage-1 training (s)", "official source", "p (Welch)",
+                   "explains part of the gap", "sub-class pairs"):
         assert marker in html, f"chapter 09: no row/column {marker!r}"
     assert len(texts(nb, "image/png")) >= 1
 

@@ -37,7 +37,8 @@ from pbip_core.experiments.report import paper_table  # noqa: E402
 from pbip_core.method.model import ClassNet  # noqa: E402
 from pbip_core.nets.backbones import get_backbone  # noqa: E402
 
-ABLATIONS = ["book-table2", "book-table3", "book-table4", "book-table5", "book-fig3", "book-fig4", "book-official"]
+ABLATIONS = ["book-table2", "book-table3", "book-table4", "book-table5", "book-fig3", "book-fig4", "book-official",
+             "book-readings"]
 
 
 def _ch(tmp_path: Path, profile: str = "demo", encoder: str | None = None) -> SimpleNamespace:
@@ -176,13 +177,61 @@ def test_delta_and_differences_tables():
     diff = T.differences_table(df)
     tau = diff.loc["temperature of eq. 9, 11"]
     assert tau["paper (profile paper)"] == "tau=1" and tau["official code"] == "tau=0.07" and tau["config switch"] == "loss.tau"
-    assert tau["Δ vs paper (pp)"] == pytest.approx(-7.0)
+    assert tau["Δ (pp)"] == pytest.approx(-7.0) and tau["seeds"] == "0,1"
+    assert math.isnan(tau["p (Welch)"]) and tau["explains part of the gap"].startswith("untested")   # 1 baseline run
     thr = diff.loc["mask threshold (eq. 4)"]
     assert thr["paper (profile paper)"] == "delta=0.15; threshold_scope=class" and thr["official code"] == "delta=0.5; threshold_scope=global"
     assert math.isnan(diff.loc["backbone levels", "mIoU (%)"])                     # not in the measured frame
-    assert diff.loc["prototype encoder", "measured as"] == "not measurable here"
-    variants = set(G.read_grid("book-official")["variants"])
-    assert {d["variant"] for d in T.DIFFERENCES if d["variant"]} <= variants
+    assert diff.loc["prototype encoder", "measured as"].startswith("not measurable here: ")
+
+
+def test_differences_table_t_test_and_the_gap():
+    """Three seeds per row: a Welch t-test against the paper's settings, and "explains part of the gap" when the switch
+    moves mIoU the way the whole official preset does, significantly."""
+    rows = {"paper (this book)": [0.50, 0.51, 0.52], "official preset": [0.40, 0.41, 0.42],
+            "temperature 0.07": [0.44, 0.45, 0.46], "levels 1-4": [0.60, 0.61, 0.62], "batch InfoNCE": [0.50, 0.52, 0.51],
+            "output stride 16": [0.58, 0.59, 0.60]}
+    df = pd.DataFrame([{"variant": v, "seed": i, "stage1.test.miou": x} for v, xs in rows.items()
+                       for i, x in enumerate(xs)])
+    diff = T.differences_table(df)
+    assert diff.attrs["gap_pp"] == pytest.approx(-10.0)
+    tau = diff.loc["temperature of eq. 9, 11"]
+    want_p = stats.ttest_ind([0.50, 0.51, 0.52], [0.44, 0.45, 0.46], equal_var=False).pvalue
+    assert tau["p (Welch)"] == pytest.approx(want_p) and tau["explains part of the gap"] == "yes"
+    assert tau["std (pp)"] == pytest.approx(1.0)
+    assert diff.loc["backbone levels", "explains part of the gap"] == "against"    # +10 pp, the gap is -10 pp
+    assert diff.loc["InfoNCE reduction", "explains part of the gap"] == "no (n.s.)"
+    # a stage-4-only switch is compared with "levels 1-4": 59 - 61 = -2 pp
+    stride = diff.loc["last-stage stride"]
+    assert stride["compared with"] == "levels 1-4" and stride["Δ (pp)"] == pytest.approx(-2.0)
+
+
+def test_every_difference_names_existing_keys_variants_and_sources():
+    """Each DIFFERENCES row: its keys are config keys, its variant exists in book-official.yaml and flips (among its
+    overrides) only keys of that row, and it runs with three seeds on the demo profile; unmeasured rows say why."""
+    from pbip_core.config import get_key
+
+    raw = G.read_grid("book-official")
+    variants = raw["variants"]
+    cfg = make_config("paper")
+    for d in T.DIFFERENCES:
+        for k in d["keys"]:
+            get_key(cfg, k)                                                    # ConfigError if unknown
+        assert d.get("source"), d["difference"]
+        if not d["variant"]:
+            assert d.get("reason"), d["difference"]
+            continue
+        assert d["variant"] in variants, d["variant"]
+        ref = variants.get(d.get("against", "paper (this book)"))
+        changed = {k for k, v in variants[d["variant"]].items() if ref.get(k) != v}
+        assert changed and changed <= set(d["keys"]), (d["difference"], changed)
+    grid = load_grid("book-official", "demo", "data/x")
+    assert grid.seeds == [0, 1, 2] and {d["variant"] for d in T.DIFFERENCES if d["variant"]} <= set(grid.variants)
+    # the official preset switches every key a difference row names (and the paper profile does not)
+    official = make_config("paper", {"method": "official"})
+    for d in T.DIFFERENCES:
+        if d["variant"]:
+            assert any(get_key(official, k) != get_key(cfg, k) for k in d["keys"]), d["difference"]
 
 
 def test_ratio_frame_reads_ratios_and_aliases():

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import make_dataset
 from pbip_core.cli import main as cli_main
 from pbip_core.data import (
-    DatasetInfo, SegDataset, TrainDataset, collate_seg, dihedral, list_pairs, list_train, load_info,
+    DatasetInfo, PseudoMaskDataset, SegDataset, TrainDataset, collate_seg, dihedral, list_pairs, list_train, load_info,
     load_manifest, parse_label, random_dihedral, subset_indices,
 )
 import pbip_core.data
@@ -212,6 +212,21 @@ def test_max_items_takes_a_seeded_mixed_subset(tiny_dataset):
     ds = TrainDataset(tiny_dataset, max_items=4, seed=1)
     assert len(ds) == 4
     assert [p.name for p, _ in ds.items] == [p.name for p, _ in TrainDataset(tiny_dataset, max_items=4, seed=1).items]
+
+
+def test_stage2_trains_on_the_images_stage1_trained_on(tmp_path):
+    """On a capped run (``data.max_train``, the CPU profiles) stage 2 keeps the random subset stage 1 used, whatever
+    the run seeds: both draw it with the fixed subset seed."""
+    root = make_dataset(tmp_path, n_train=12)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p, _ in list_train(root):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / p.name)
+    for seed in (0, 3):
+        s1 = [p.name for p, _ in TrainDataset(root, max_items=5, seed=seed).items]
+        s2 = [p.name for p in PseudoMaskDataset(root, masks, max_items=5, seed=seed + 1).items]
+        assert s1 == s2 and len(s1) == 5
+        assert s1 != [p.name for p, _ in list_train(root)][:5]        # a random subset, not the first five
 
 
 def test_seg_dataset_and_collate(tiny_dataset):

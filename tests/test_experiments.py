@@ -227,3 +227,55 @@ def test_parallel_jobs_fill_the_same_table(tmp_path):
     assert len(df) == 3 and (df["status"] == "ok").all() and df["hash"].is_unique
     assert sorted(df["stage1.val.miou"]) == pytest.approx([0.0, 0.1, 0.2])
     assert df["pid"].nunique() >= 1 and (df["threads"] >= 1).all()
+
+
+@pytest.mark.parametrize("labels, ckpt", [("gt", "best"), ("predicted", "last")])
+def test_pipeline_scores_with_the_configs_labels_and_checkpoint(tmp_path, monkeypatch, labels, ckpt):
+    """Issue 12.2: pseudo.labels reaches the pseudo masks the pipeline scores; pseudo.test_checkpoint picks the
+    weights of val/test (the train masks for stage 2 always come from best.pt)."""
+    calls = []
+    monkeypatch.setattr(ex, "build_bank", lambda *a, **k: None)
+    monkeypatch.setattr(ex, "save_bank", lambda bank, path: path.write_bytes(b"x"))
+    monkeypatch.setattr(ex, "train", lambda *a, **k: {})
+    monkeypatch.setattr(ex, "evaluate_dir", lambda *a, **k: {"miou": 0.5})
+
+    def fake_write(run, data, split, out, labels=None, device="auto", checkpoint="best.pt", progress=True):
+        calls.append((split, labels, checkpoint))
+        return out
+
+    monkeypatch.setattr(ex, "write_pseudo_masks", fake_write)
+    g = _grid(tmp_path, methods=["pbip"], seeds=[0], splits=["train", "val", "test"],
+              overrides={"pseudo.labels": labels, "pseudo.test_checkpoint": ckpt})
+    spec = G.plan(g)[0]
+    out = ex.pipeline_step(spec, tmp_path / "run", tmp_path / "results")
+    assert out == {"stage1.val.miou": 0.5, "stage1.test.miou": 0.5}
+    by_split = {s: (lab, c) for s, lab, c in calls}
+    assert by_split["val"] == (labels, f"{ckpt}.pt") and by_split["test"] == (labels, f"{ckpt}.pt")
+    assert by_split["train"][1] == "best.pt"
+
+
+def test_figure4_random_banks_follow_the_run_seed(tmp_path):
+    """bank.seed_from_train: the random sub-banks of book-fig4 are drawn per seed (distinct bank seeds and cached
+    banks); the clustered bank stays one bank whatever the seed."""
+    grid = G.load_grid("book-fig4", "smoke", str(tmp_path / "ds"), seeds=[0, 1, 2],
+                       variants=["cluster", "random"])
+    specs = G.plan(grid, quiet=True)
+    seeds = {(s.variant, s.seed): s.cfg.bank.seed for s in specs}
+    banks = {(s.variant, s.seed): ex.bank_path_for(s, tmp_path) for s in specs}
+    assert [seeds[("random", k)] for k in (0, 1, 2)] == [0, 1, 2]
+    assert len({banks[("random", k)] for k in (0, 1, 2)}) == 3
+    assert {seeds[("cluster", k)] for k in (0, 1, 2)} == {0}
+    assert len({banks[("cluster", k)] for k in (0, 1, 2)}) == 1
+
+
+def test_pbip_pseudo_checkpoint_default_follows_the_run_config(tmp_path):
+    """`pbip pseudo` without --checkpoint: best.pt, or last.pt on val/test when pseudo.test_checkpoint=last."""
+    from pbip_core.config import make_config
+    from pbip_core.engine.pseudo import default_checkpoint
+
+    for ckpt, want in (("best", "best.pt"), ("last", "last.pt")):
+        run = tmp_path / ckpt
+        run.mkdir()
+        make_config("smoke", {"pseudo.test_checkpoint": ckpt}).save(run / "config.yaml")
+        assert default_checkpoint(run, "test") == want and default_checkpoint(run, "val") == want
+        assert default_checkpoint(run, "train") == "best.pt"

@@ -84,3 +84,66 @@ def test_total_eq6_eq13_weights_and_switches():
     off = total_loss(logits, labels, fg, bg, protos, pairs, LossConfig(alpha=0.7, fgs=False, bgs=False))
     assert off.total.item() == pytest.approx(0.7 * l_cls.item(), abs=1e-6)
     assert off.fgs.item() == 0 and off.bgs.item() == 0
+
+
+# ---------------------------------------------------------------------- the official code's variants (loss.* keys)
+def test_own_mask_for_class_and_subclass_pairs():
+    from pbip_core.method.losses import own_mask
+
+    cls_pairs = own_mask(torch.tensor([[0, 1]]), 2, 2)
+    assert cls_pairs[0].tolist() == [[False, False], [True, True]]          # all K prototypes of class 1
+    sub = own_mask(torch.tensor([[0, 1, 0]]), 2, 2)
+    assert sub[0].tolist() == [[False, False], [True, False]]               # only prototype (1, 0)
+
+
+def test_fgs_subclass_pair_counts_siblings_as_negatives():
+    # N=2, K=2: P[0] = (e1, e2), P[1] = (-e1, -e2); pair (image 0, class 0, k=1), F_FG = e1
+    e1, e2 = torch.eye(2)
+    protos = torch.stack([torch.stack([e1, e2]), torch.stack([-e1, -e2])])
+    f = e1[None]
+    # own = P[0,1] = e2 -> s_FF = 0; others: P[0,0] = e1 (1), P[1,0] (-1), P[1,1] (0) -> s_FB = 0
+    assert fgs_loss(f, protos, torch.tensor([[0, 0, 1]])).item() == pytest.approx(math.log(2), abs=1e-6)
+    # the same feature as a class pair: s_FF = 1 + 0, s_FB = -1 + 0 -> log(1 + e^-2)
+    assert fgs_loss(f, protos, torch.tensor([[0, 0]])).item() == pytest.approx(math.log1p(math.exp(-2)), abs=1e-6)
+
+
+def test_fgs_batch_nce_is_one_ratio_over_the_batch():
+    # official InfoNCELossFG: L = -log( sum_p e^{s(own)/t} / sum_p (e^{s(own)/t} + sum_others e^{s/t}) )
+    e1, e2 = torch.eye(2)
+    protos = torch.stack([e1[None], e2[None]])                              # N=2, K=1
+    f = torch.stack([e1, (e1 + e2)])                                        # cos: [1, 0] and [.7071, .7071]
+    pairs = torch.tensor([[0, 0], [1, 1]])
+    c = 1 / math.sqrt(2)
+    for tau in (1.0, 0.5):
+        pos = math.exp(1 / tau) + math.exp(c / tau)
+        allp = math.exp(1 / tau) + math.exp(0) + 2 * math.exp(c / tau)
+        got = fgs_loss(f, protos, pairs, tau=tau, nce="batch").item()
+        assert got == pytest.approx(math.log(allp / pos), abs=1e-6)
+    # not the mean of per-pair losses (the paper's form)
+    assert fgs_loss(f, protos, pairs, nce="batch").item() != pytest.approx(fgs_loss(f, protos, pairs).item())
+
+
+def test_bgs_batch_nce_by_hand():
+    # official InfoNCELossBG: pos_p = mean over the other prototypes of e^{s/t}, neg_p = e^{s(own)/t}
+    e1, e2, e3 = torch.eye(3)
+    protos = torch.stack([e1[None], e2[None], e3[None]])                    # N=3, K=1
+    f = torch.stack([e2, e1])                                              # pair 0 (class 0), pair 1 (class 2)
+    pairs = torch.tensor([[0, 0], [0, 2]])
+    e = math.e
+    pos0, neg0 = (e + 1) / 2, 1.0                                          # others of class 0: e2 (1), e3 (0)
+    pos1, neg1 = (e + 1) / 2, 1.0                                          # others of class 2: e1 (1), e2 (0)
+    want = -math.log((pos0 + pos1) / (pos0 + neg0 + pos1 + neg1))
+    assert bgs_loss(f, protos, pairs, nce="batch").item() == pytest.approx(want, abs=1e-6)
+    # one pair: -log(pos / (pos + neg)) = log(1 + 2 / (e + 1))
+    assert bgs_loss(f[:1], protos, pairs[:1], nce="batch").item() == pytest.approx(math.log1p(2 / (e + 1)), abs=1e-6)
+
+
+def test_cam_term_sits_inside_beta():
+    # official: loss = cls + l5 * (fg + bg + 0.0005 * mean(cam4)); here beta plays l5
+    logits = torch.zeros(1, 1, 2)
+    labels = torch.tensor([[1.0, 0.0]])
+    cam = torch.full((1, 2, 2, 2), 3.0)
+    cfg = LossConfig(beta=0.1, cam_reg=0.0005, fgs=False, bgs=False)
+    t = total_loss(logits, labels, [], [], None, None, cfg, last_map=cam)
+    assert t.reg.item() == pytest.approx(0.0005 * 3.0)
+    assert t.total.item() == pytest.approx(math.log(2) + 0.1 * 0.0005 * 3.0, rel=1e-6)

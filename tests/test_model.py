@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _fakes import TinyBackbone, TinyEncoder
 from pbip_core.method.model import (ClassNet, ImgMatchNet, PBIP, adaptive_threshold, aggregate, fg_bg_masks, minmax,
@@ -105,3 +106,180 @@ def test_pooled_with_uniform_weights_equals_encoding_the_image():
     x = torch.rand(2, 3, 32, 32)
     ones = torch.ones(2, 1, 32, 32)
     assert torch.allclose(enc.pooled_encode(x, ones)[:, 0], enc.encode(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- the official code's variants (model.* keys)
+def test_global_threshold_scope_uses_the_unnormalised_map():
+    """Issue 12.1: after the per-channel min-max every channel's max is 1, so thresholding the scaled map at
+    delta x the global max equals the class scope. The global scope thresholds M' itself."""
+    from pbip_core.method.model import match_masks
+
+    maps = [torch.tensor([[[[0.2, 1.0]], [[0.1, 0.4]]]])]              # (1, 2, 1, 2): class maxima 1.0 and 0.4
+    cls = match_masks(maps, (1, 2), delta=0.5, scope="class")
+    glob = match_masks(maps, (1, 2), delta=0.5, scope="global")
+    # class scope on min-max(M'): class 0 [0, 1] -> b = [0, 1]; class 1 [0, 1] -> b = [0, 1]
+    assert cls.b[0, 0].tolist() == [[0, 1]] and cls.b[0, 1].tolist() == [[0, 1]]
+    # global: tau = 0.5 x 1.0 = 0.5 on M': class 0 [0, 1]; class 1 (0.1, 0.4 < 0.5) -> nothing
+    assert glob.b[0, 0].tolist() == [[0, 1]] and glob.b[0, 1].tolist() == [[0, 0]]
+    assert torch.equal(glob.raw, maps[0]) and torch.allclose(glob.m, cls.m)
+
+
+def test_threshold_scope_changes_the_matcher_built_from_the_config():
+    """``--set model.threshold_scope=global`` reaches ImgMatchNet.masks and changes b where class maxima differ."""
+    from pbip_core.config import make_config
+    from pbip_core.engine.build import build_model
+
+    torch.manual_seed(0)
+    maps = [torch.tensor([[[[0.2, 1.0]], [[0.1, 0.4]]]])]
+    bs = {}
+    for scope in ("class", "global"):
+        cfg = make_config("smoke", {"model.threshold_scope": scope, "model.delta": 0.5})
+        model = build_model(cfg, torch.randn(2, 1, 6), TinyEncoder(), backbone=TinyBackbone())
+        bs[scope] = model.matcher.masks(torch.zeros(1, 3, 1, 2), maps).b
+    assert not torch.equal(bs["class"], bs["global"])
+
+
+def _out(maps_per_level, k_maps=None, scale=None):
+    from pbip_core.method.model import ClassNetOutput
+
+    sub = k_maps or [m[:, :, None] for m in maps_per_level]
+    sc = scale if scale is not None else torch.ones(len(maps_per_level))
+    return ClassNetOutput(list(maps_per_level), torch.zeros(len(maps_per_level), 1, 1), None, sub, sc)
+
+
+def test_cam_source_last_uses_the_last_level_only():
+    a, b = torch.rand(1, 2, 2, 2), torch.rand(1, 2, 4, 4)
+    both = ImgMatchNet(TinyEncoder(), cam_source="all").masks(torch.zeros(1, 3, 4, 4), [a, b])
+    last = ImgMatchNet(TinyEncoder(), cam_source="last").masks(torch.zeros(1, 3, 4, 4), [a, b])
+    assert torch.allclose(both.raw, aggregate([a, b], (4, 4)))
+    assert torch.allclose(last.raw, b)                                 # level 2 alone, already at 4 x 4
+
+
+def test_subclass_pairs_and_channels_by_hand():
+    from pbip_core.method.model import pair_channels, subclass_pairs
+
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # (B=2, N=2, K=3) logits; means: img0 cls0 = 2 -> k=2 (3 > 2) only; img1 cls0 all equal -> none;
+    # img1 cls1 mean 0 -> k=0 (1 > 0); class 1 of image 0 is not labelled
+    sub = torch.tensor([[[1.0, 2.0, 3.0], [9.0, 0.0, 0.0]], [[1.0, 1.0, 1.0], [1.0, -1.0, 0.0]]])
+    pairs = subclass_pairs(labels, sub)
+    assert pairs.tolist() == [[0, 0, 2], [1, 1, 0]]
+    assert pair_channels(pairs, 3).tolist() == [[0, 2], [1, 3]]        # channel = class * K + k
+    assert pair_channels(torch.tensor([[0, 1]]), 3).tolist() == [[0, 1]]
+    # K = 1: a sub-class never exceeds its own mean (the official cls4 > cls4_expand): no pairs
+    assert subclass_pairs(labels, sub[:, :, :1]).shape == (0, 3)
+
+
+def test_separate_official_by_hand():
+    from pbip_core.method.model import separate_official
+
+    # one image, 3 pixels in a row; CAM logits [2, -1, 0.5]; b = [1, 0, 0]
+    x = torch.tensor([[0.5, 0.2, 0.4], [0.1, 0.9, 0.3], [0.6, 0.6, 0.6]]).reshape(1, 3, 1, 3)
+    raw = torch.tensor([2.0, -1.0, 0.5]).reshape(1, 1, 1, 3)
+    b = torch.tensor([1.0, 0.0, 0.0]).reshape(1, 1, 1, 3)
+    fg, bg = separate_official(x, raw, b, torch.tensor([[0, 0]]))
+    # FG channel 0: CAM*X = [1.0, -0.2, 0.2] -> min-max [1, 0, 1/3] -> times b -> [1, 0, 0]
+    assert torch.allclose(fg[0, 0, 0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+    # BG channel 1: (1 - CAM)*X = [-0.1, 1.8, 0.15] -> min-max [0, 1, 0.25/1.9] -> times (1 - b) -> [0, 1, 0.1316]
+    assert torch.allclose(bg[0, 1, 0], torch.tensor([0.0, 1.0, 0.25 / 1.9]), atol=1e-6)
+    # no threshold: the min-max images themselves
+    fg2, _ = separate_official(x, raw, None, torch.tensor([[0, 0]]))
+    assert torch.allclose(fg2[0, 0, 0], torch.tensor([1.0, 0.0, 1 / 3]), atol=1e-6)
+
+
+def test_classnet_submaps_sub_logits_and_official_input():
+    from pbip_core.method.model import OFFICIAL_BGR_MEAN, OFFICIAL_BGR_STD
+
+    class Recording(TinyBackbone):
+        """Normalises like a pbip Backbone ((x - mean) / std) and records what it saw."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            self.seen = (x - self.mean) / self.std
+            return super().forward(self.seen)
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    net = ClassNet(Recording(), torch.randn(3, 2, 6), levels=(1, 2), logit_scale=4.0)
+    out = net(x)
+    assert torch.allclose(out.submaps[0].mean(dim=2), out.maps[0])
+    assert torch.allclose(out.sub_logits(-1).mean(dim=2), out.logits[-1], atol=1e-6)   # merge "mean" = class logit
+    assert torch.allclose(net.backbone.seen, (x - net.backbone.mean) / net.backbone.std, atol=1e-6)
+    net(x, gain=1.1)                                                   # ttach Multiply: the normalised input x 1.1
+    assert torch.allclose(net.backbone.seen, 1.1 * (x - net.backbone.mean) / net.backbone.std, atol=1e-5)
+    off = ClassNet(Recording(), torch.randn(3, 2, 6), levels=(1, 2), input_norm="official")
+    off(x)
+    bgr = x[:, [2, 1, 0]]
+    want = (bgr - torch.tensor(OFFICIAL_BGR_MEAN).view(1, 3, 1, 1)) / torch.tensor(OFFICIAL_BGR_STD).view(1, 3, 1, 1)
+    assert torch.allclose(off.backbone.seen, want, atol=1e-5)
+
+
+def test_official_matcher_subclass_pairs_encoder_space():
+    """pairs=subclass + separation=official + space=encoder: (P, 3) pairs, the official images, raw-space features."""
+    from pbip_core.method.model import pair_channels, separate_official
+
+    torch.manual_seed(0)
+    enc = TinyEncoder(d=6)
+    net = ClassNet(TinyBackbone(), torch.randn(3, 2, 6), levels=(2, 3, 4), normalize_prototypes=False)
+    matcher = ImgMatchNet(enc, delta=0.5, scope="global", cam_source="last", pairs="subclass",
+                          separation="official", space="encoder")
+    model = PBIP(net, matcher)
+    x = torch.rand(2, 3, 64, 64)
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    out, match = model(x, y)
+    want_pairs = [[b, c, k] for b in range(2) for c in range(3) for k in range(2)
+                  if y[b, c] > 0 and out.sub_logits(-1)[b, c, k] > out.sub_logits(-1)[b, c].mean()]
+    assert match.pairs.tolist() == want_pairs and len(want_pairs) > 0
+    assert len(match.fg) == 1 and match.fg[0].shape == (len(want_pairs), 6)      # phi(X_FG): no MLP
+    raw = F.interpolate(out.submaps[-1].flatten(1, 2) * out.scale[-1], size=(64, 64), mode="bilinear",
+                        align_corners=False)
+    b = (raw >= 0.5 * raw.amax(dim=(1, 2, 3), keepdim=True)).float()
+    x_fg, _ = separate_official(x, raw, b, pair_channels(match.pairs, 2))
+    assert torch.allclose(match.fg[0], enc.encode(x_fg), atol=1e-5)
+    assert model.loss_prototypes(out)[0] is net.prototypes
+
+
+# ---------------------------------------------------------------------- pseudo masks: the official options (pseudo.*)
+def test_softmax_merge_of_sub_maps_by_hand():
+    from pbip_core.method.pseudo import merge_submaps
+
+    sub = torch.tensor([0.2, 0.6]).reshape(1, 1, 2, 1, 1)             # one pixel, K = 2 cosines
+    assert merge_submaps(sub).item() == pytest.approx(0.4)             # eq. 2: the mean
+    # official "max" merge on logits s*sub, in cosine units: sum_k softmax(s sub)_k sub_k; s = 10:
+    # weights e^2 / (e^2 + e^6), e^6 / (e^2 + e^6)
+    w0 = math.exp(2) / (math.exp(2) + math.exp(6))
+    assert merge_submaps(sub, 10.0, "softmax").item() == pytest.approx(w0 * 0.2 + (1 - w0) * 0.6, abs=1e-6)
+
+
+def test_relu_minmax_zeroes_absent_classes():
+    from pbip_core.method.pseudo import relu_minmax
+
+    cam = torch.tensor([[[[-1.0, 0.5, 1.0]], [[0.2, 0.4, 0.3]]]])       # (1, 2, 1, 3)
+    out = relu_minmax(cam, torch.tensor([[True, False]]))
+    # class 0: ReLU -> [0, .5, 1] -> min-max [0, .5, 1]; class 1 absent -> 0
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.0, 0.5, 1.0]), atol=1e-5)
+    assert out[0, 1].abs().sum() == 0
+
+
+def test_fused_cam_tta_averages_flipped_and_scaled_views():
+    from pbip_core.method.pseudo import TTA, fused_cam, level_cams
+
+    torch.manual_seed(0)
+    net = ClassNet(TinyBackbone(), torch.randn(3, 2, 6), levels=(2, 3)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    present = torch.tensor([[True, True, False]])
+    cam, _ = fused_cam(net, x, merge="softmax", cam_norm="relu_minmax", present=present, tta=True)
+    views = []
+    for flip, gain in TTA:
+        with torch.no_grad():
+            o = net(x.flip(-1) if flip else x, gain=gain)
+        c = aggregate(level_cams(o, "softmax", "relu_minmax", present), (32, 32))
+        views.append(c.flip(-1) if flip else c)
+    assert len(TTA) == 6 and torch.allclose(cam, torch.stack(views).mean(0), atol=1e-6)
+    assert cam[0, 2].abs().sum() == 0                                 # the absent class stays 0
+    plain, _ = fused_cam(net, x)
+    assert not torch.allclose(plain, cam)

@@ -111,6 +111,25 @@ def test_train_split_pseudo_masks_use_file_labels(setup, tmp_path):
         assert values <= set(np.flatnonzero(label))
 
 
+def test_pseudo_labels_of_the_config_change_the_test_masks(setup, tmp_path):
+    """Issue 12.2: ``--set pseudo.labels=predicted`` is read by `pbip pseudo` (its --labels default) and
+    write_pseudo_masks; on test it changes the masks against the GT-present classes."""
+    _, data, bank = setup
+    run = tmp_path / "pred"
+    assert cli(["train", "--data", str(data), "--bank", str(bank), "--out", str(run), "--profile", "smoke",
+                "--set", "method=cam", "--set", "pseudo.labels=predicted"]) == 0
+    masks = {}
+    for name, extra in (("default", []), ("gt", ["--labels", "gt"]), ("predicted", ["--labels", "predicted"])):
+        out = tmp_path / name
+        assert cli(["pseudo", "--run", str(run), "--data", str(data), "--split", "test", "--out", str(out),
+                    *extra]) == 0
+        masks[name] = [read_mask(out / m.name) for _, m in list_pairs(data, "test")]
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(masks[a], masks[b]))  # noqa: E731
+    assert not same("gt", "predicted"), "precondition: the classifier's classes differ from the GT's on some image"
+    assert same("default", "predicted")
+    assert not same("default", "gt")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_ddp_two_cpu_processes(setup, tmp_path):
     _, data, bank = setup
@@ -158,6 +177,37 @@ def test_encoder_chunk_memory_cap_gives_the_same_loss_and_gradients(setup):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("switches", [
+    {}, {"model.pairs": "subclass"}, {"model.separation": "official"}, {"model.fgbg_space": "encoder"},
+    {"model.cam_source": "last"}, {"loss.nce": "batch"}, {"model.threshold_scope": "global", "model.delta": 0.5},
+    {"model.input_norm": "official", "loss.cam_reg": 0.0005}, {"method": "official"}],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "paper")
+def test_chunked_step_equals_one_backward_for_every_switch(switches):
+    """The chunked exact step (separable path, or the two-pass path of the batch InfoNCE) gives the loss and the
+    gradients of one plain forward + backward for each official switch (tiny stand-in networks)."""
+    from _fakes import TinyBackbone, TinyEncoder
+    from pbip_core.engine.build import build_model
+
+    cfg = make_config("smoke", {"model.levels": (2, 3, 4), "loss.cls_level_weights": (), "pseudo.level_weights": (),
+                                **switches})
+    torch.manual_seed(0)
+    protos, x = torch.randn(3, 2, 6), torch.rand(4, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]])
+    grads, totals = [], []
+    for plain in (False, True):
+        torch.manual_seed(1)
+        model = build_model(cfg, protos, TinyEncoder(d=6), backbone=TinyBackbone())
+        terms = loss_and_backward(model, x, y, positive_pairs(y), cfg.loss, chunk=2,
+                                  ddp_model=model if plain else None)
+        totals.append(terms.total.item())
+        assert terms.fgs.item() > 0 and terms.bgs.item() > 0
+        grads.append({n: p.grad.clone() for n, p in model.classnet.named_parameters() if p.grad is not None})
+    assert totals[0] == pytest.approx(totals[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for k in grads[0]:                                       # float round-off only: 1e-4 of the tensor's largest entry
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-4 * float(grads[1][k].abs().max()), rtol=1e-3), k
 
 
 def test_a_new_three_class_folder_runs_through_the_same_commands(setup, tmp_path):

@@ -214,49 +214,128 @@ def bank_frame(df: pd.DataFrame, metric: str = "stage1.test.miou") -> pd.DataFra
 
 
 # ---------------------------------------------------------------------------------------------------- chapter 09
+#: Every difference between the paper (as this book reads it) and the official code (QingchenTang/PBIP, BCSS-WSSS
+#: stage 1), with the config key(s) that switch it, where the official code does it (file: function, as read in the
+#: public source) and the variant of ``grids/book/book-official.yaml`` that flips only that switch ("" = not run,
+#: ``reason`` says why); ``against`` names the variant it is compared with when that is not the paper's settings
+#: (a switch that only acts on backbone stage 4 is measured on top of "levels 1-4").
 DIFFERENCES: list[dict[str, Any]] = [
     {"difference": "prototype encoder", "keys": ["bank.encoder"],
-     "official": "ImageNet Swin-T + random 768->512 projection (MedCLIP weights never loaded)", "variant": ""},
-    {"difference": "prototypes", "keys": ["bank.selection"], "variant": "centroid prototypes"},
-    {"difference": "backbone levels", "keys": ["model.levels"], "variant": "levels 1-4"},
+     "official": "ImageNet Swin-T + random 768->512 projection (MedCLIP weights never loaded)",
+     "source": "features/excract_medclip_proces.py: MedCLIPModel(vision_cls=MedCLIPVisionModelViT), no from_pretrained",
+     "variant": "", "reason": "its weights are hub downloads, not available offline"},
+    {"difference": "prototypes", "keys": ["bank.selection"], "variant": "centroid prototypes",
+     "source": "features/k_mean_cos_per_class.py: CosineSimilarityKMeans centres over all bank images"},
+    {"difference": "backbone levels", "keys": ["model.levels"], "variant": "levels 1-4",
+     "source": "model/model.py: ClsNetwork.forward, four stages"},
+    {"difference": "last-stage stride", "keys": ["model.output_stride"], "variant": "output stride 16",
+     "against": "levels 1-4", "source": "work_dirs/bcss/classification/config.yaml: stride [4, 2, 2, 1]"},
+    {"difference": "input channels and normalisation", "keys": ["model.input_norm"], "variant": "BGR input, official mean/std",
+     "source": "datasets (cv2.imread: BGR) + utils/trainutils.py: get_mean_std"},
     {"difference": "projected prototypes normalised", "keys": ["model.normalize_prototypes"],
-     "variant": "unnormalised prototypes"},
+     "variant": "unnormalised prototypes", "source": "model/model.py: ClsNetwork.forward normalises _x only"},
+    {"difference": "prototype MLP width", "keys": ["model.proj_hidden"], "variant": "MLP hidden 256",
+     "source": "model/model.py: AdaptiveLayer(512, n_ratio=0.5, C_i)"},
     {"difference": "logit scale", "keys": ["model.logit_scale", "model.learn_logit_scale"],
-     "variant": "learnable logit scale 1/0.07"},
-    {"difference": "CLS loss level weights", "keys": ["loss.cls_level_weights"], "variant": "CLS level weights 0/0.1/1"},
+     "variant": "learnable logit scale 1/0.07", "source": "model/model.py: logit_scale1-4 = nn.Parameter(1/0.07)"},
+    {"difference": "CLS loss level weights", "keys": ["loss.cls_level_weights"], "variant": "CLS level weights 0/0.1/1",
+     "source": "config.yaml l1-l4 = 0, 0.1, 1, 1.5; train_stage_1.py: cls_loss"},
     {"difference": "FG/BG loss weights, CAM term", "keys": ["loss.beta", "loss.theta2", "loss.cam_reg"],
-     "variant": "SIM weights and CAM term"},
-    {"difference": "temperature of eq. 9, 11", "keys": ["loss.tau"], "variant": "temperature 0.07"},
+     "variant": "SIM weights and CAM term",
+     "source": "train_stage_1.py: cls_loss + (fg_loss + bg_loss + 0.0005 * mean(cam4)) * l5, l5 = 0.1"},
+    {"difference": "temperature of eq. 9, 11", "keys": ["loss.tau"], "variant": "temperature 0.07",
+     "source": "train_stage_1.py: InfoNCELossFG/BG(temperature=0.07)"},
+    {"difference": "InfoNCE reduction", "keys": ["loss.nce"], "variant": "batch InfoNCE",
+     "source": "utils/contrast_loss.py: InfoNCELossFG / InfoNCELossBG (sums over the batch before the log)"},
+    {"difference": "FG/BG compared with", "keys": ["model.fgbg_space"], "variant": "raw-prototype space",
+     "source": "utils/hierarchical_utils.py: pair_features(fg, bg, l_fea, ...) with the unprojected l_fea"},
     {"difference": "mask threshold (eq. 4)", "keys": ["model.delta", "model.threshold_scope"],
-     "variant": "threshold 0.5 x global max"},
-    {"difference": "FG/BG images (eq. 5)", "keys": [],
-     "official": "last level's CAM only, min-max normalised, masked at 0.5 x global max", "variant": ""},
+     "variant": "threshold 0.5 x global max",
+     "source": "utils/fgbg_feature.py: MaskAdapter_DynamicThreshold (alpha x max over all channels of the image)"},
+    {"difference": "CAM behind FG/BG (eq. 3)", "keys": ["model.cam_source"], "variant": "last level's CAM",
+     "source": "train_stage_1.py: process_batch(inputs, cam4, ...); model.py: cam1-3 detached"},
+    {"difference": "FG/BG pairs", "keys": ["model.pairs"], "variant": "sub-class pairs",
+     "source": "train_stage_1.py: cls4_bir = (cls4 > cls4_expand) * subclass_labels"},
+    {"difference": "FG/BG images (eq. 5)", "keys": ["model.separation"], "variant": "official FG/BG images",
+     "source": "utils/fgbg_feature.py: FeatureExtractor.extract_features + get_masked_features"},
     {"difference": "schedule", "keys": ["train.schedule", "train.lr", "train.weight_decay", "train.epochs"],
-     "variant": "linear lr decay"},
+     "variant": "linear lr decay", "source": "utils/optimizer.py: PolyWarmupAdamW (power 1, no warm-up); config.yaml"},
+    {"difference": "mixed precision", "keys": ["train.amp"],
+     "official": "fp16 autocast + GradScaler", "source": "train_stage_1.py: torch.cuda.amp.autocast, GradScaler",
+     "variant": "", "reason": "autocast only acts on a GPU; the CPU profiles run fp32 either way"},
     {"difference": "pseudo-mask fusion", "keys": ["model.levels", "pseudo.level_weights"],
-     "variant": "levels 1-4 + fusion 0/0.3/0.3/0.4"},
-    {"difference": "background in pseudo masks", "keys": ["pseudo.white_background"], "variant": "no white background"},
+     "variant": "levels 1-4 + fusion 0/0.3/0.3/0.4", "against": "levels 1-4", "source": "utils/validate.py: fuse234 = 0.3 cam2 + 0.3 cam3 + 0.4 cam4"},
+    {"difference": "sub-map merge in pseudo masks", "keys": ["pseudo.merge"], "variant": "softmax merge of sub-maps",
+     "source": "utils/hierarchical_utils.py: merge_subclass_cams_to_parent(method=merge_test='max')"},
+    {"difference": "CAM normalisation in pseudo masks", "keys": ["pseudo.cam_norm"], "variant": "ReLU + min-max CAMs",
+     "source": "utils/validate.py: get_seg_label"},
+    {"difference": "test-time augmentation", "keys": ["pseudo.tta"], "variant": "test-time augmentation",
+     "source": "utils/validate.py: validate, ttach HorizontalFlip x Multiply(0.9, 1.0, 1.1)"},
+    {"difference": "background in pseudo masks", "keys": ["pseudo.white_background"], "variant": "no white rule",
+     "source": "utils/validate.py: get_seg_label drops its background channel; argmax over the classes"},
+    {"difference": "weights scored on test", "keys": ["pseudo.test_checkpoint"], "variant": "last weights on test",
+     "source": "train_stage_1.py: validate(test) after the loop; best_cam.pth only for generate_cam (train)"},
 ]
+
+#: The rows of the book-official grid that are not one difference: the paper's settings, the whole preset, the book's
+#: own approximation, and the reading s = 1.
+OFFICIAL_BASELINE, OFFICIAL_PRESET = "paper (this book)", "official preset"
 
 
 def differences_table(measured: pd.DataFrame | None = None, metric: str = "stage1.test.miou",
-                      baseline: str = "paper (this book)") -> pd.DataFrame:
-    """The paper/official differences with the values of both sides read from the configs (profile ``paper``,
-    methods ``pbip`` and ``official``: the paper as this book reads it, and the official code's preset) and, where
-    ``measured`` (the book-official results) has the variant, ``metric`` and its change against ``baseline`` in
-    percentage points."""
-    paper, official = make_config("paper"), make_config("paper", {"method": "official"})
+                      baseline: str = OFFICIAL_BASELINE, official: str = OFFICIAL_PRESET,
+                      alpha: float = 0.05) -> pd.DataFrame:
+    """The paper/official differences, one row each: the values of both sides read from the configs (profile
+    ``paper``, methods ``pbip`` and ``official``), the official source, the config switch and, where ``measured``
+    (the book-official results) has the variant, the seeds, ``metric`` (mean, percent), its change against
+    ``baseline`` (or the row's ``against`` variant; pp) with a Welch t-test, and whether it explains part of the gap
+    between the official preset and the paper's settings (same sign as that gap and p < ``alpha``)."""
+    paper, off = make_config("paper"), make_config("paper", {"method": "official"})
     base = _mean_of(measured, baseline, metric) if measured is not None else np.nan
+    gap = (_mean_of(measured, official, metric) - base) if measured is not None else np.nan
     rows = []
     for d in DIFFERENCES:
         fmt = lambda cfg: "; ".join(f"{k.split('.')[-1]}={_short(get_key(cfg, k))}" for k in d["keys"])  # noqa: E731
-        v = d["variant"]
+        v, ref = d["variant"], d.get("against", baseline)
         ours = _mean_of(measured, v, metric) if (measured is not None and v) else np.nan
+        delta = ours - (_mean_of(measured, ref, metric) if measured is not None else np.nan)
+        p, seeds, sd = np.nan, "", np.nan
+        if measured is not None and v:
+            vals = pd.to_numeric(measured.loc[measured["variant"] == v, metric], errors="coerce").dropna()
+            sd = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+            seeds = ",".join(str(int(x)) for x in sorted(measured.loc[measured["variant"] == v, "seed"]))
+            p = _welch_p(measured, ref, v, metric)
         rows.append({"difference": d["difference"], "paper (profile paper)": fmt(paper),
-                     "official code": d.get("official") or fmt(official),
-                     "config switch": ", ".join(d["keys"]), "measured as": v or "not measurable here",
-                     "mIoU (%)": 100 * ours, "Δ vs paper (pp)": 100 * (ours - base)})
-    return pd.DataFrame(rows).set_index("difference")
+                     "official code": d.get("official") or fmt(off), "official source": d.get("source", ""),
+                     "config switch": ", ".join(d["keys"]),
+                     "measured as": v or f"not measurable here: {d.get('reason', '')}".rstrip(": "),
+                     "compared with": ref if v else "", "seeds": seeds, "mIoU (%)": 100 * ours,
+                     "std (pp)": 100 * sd, "Δ (pp)": 100 * delta, "p (Welch)": p,
+                     "explains part of the gap": _explains(delta, p, gap, alpha)})
+    out = pd.DataFrame(rows).set_index("difference")
+    out.attrs["gap_pp"] = 100 * gap
+    return out
+
+
+def _welch_p(df: pd.DataFrame, a: str, b: str, metric: str) -> float:
+    """p of the Welch t-test of ``metric`` between variants a and b; NaN with fewer than 2 runs each."""
+    na, nb = int((df["variant"] == a).sum()), int((df["variant"] == b).sum())
+    if min(na, nb) < 2:
+        return np.nan
+    p = compare(df, a, b, metric, by="variant")["p"]
+    return float(p) if np.isfinite(p) else np.nan
+
+
+def _explains(delta: float, p: float, gap: float, alpha: float) -> str:
+    """"yes" when the switch moves the metric the way the official preset does (same sign as the gap) with
+    p < alpha; "against" when significantly the other way; "no (n.s.)"; "" when not measured."""
+    if not np.isfinite(delta):
+        return ""
+    if not np.isfinite(p) or not np.isfinite(gap):
+        return "untested (< 2 seeds)" if not np.isfinite(p) else "no official preset run"
+    if p >= alpha:
+        return "no (n.s.)"
+    return "yes" if np.sign(delta) == np.sign(gap) else "against"
 
 
 def _short(v: Any) -> str:
@@ -315,7 +394,8 @@ def foreground_share(m: torch.Tensor, present: torch.Tensor, deltas: Sequence[fl
     """Share of foreground pixels of b (eq. 4) over the (image, class) pairs present, for each delta.
 
     m (B, N, H, W) in [0, 1]; present (B, N) bool. Also the share of the soft FG weight b * M and of M itself
-    ("no AT": FG = M). Returns one row per delta.
+    ("no AT": FG = M). Returns one row per delta. (``scope="global"`` on a min-max scaled m equals the class scope:
+    the official threshold needs the un-normalised map, see :func:`pbip_core.method.model.match_masks`.)
     """
     sel = present.bool()
     rows = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..config import config_table
+from ..config import config_table, load_config
 from ..engine.bank import build_bank, save_bank
 from ..engine.checkpoint import convert_legacy
 from ..engine.metrics import evaluate_dir, format_table
@@ -87,15 +87,20 @@ def pseudo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="output folder for the PNG masks")
-    p.add_argument("--labels", default="gt", choices=["gt", "predicted"],
-                   help="val/test: restrict to GT classes (paper's protocol) or the classifier's predicted classes")
-    p.add_argument("--checkpoint", default="best.pt")
+    p.add_argument("--labels", default=None, choices=["gt", "predicted"],
+                   help="val/test: restrict the argmax to the classes present in the GT mask (the official code's "
+                        "protocol; the paper is silent) or to the classifier's predicted classes "
+                        "(default: the run config's pseudo.labels)")
+    p.add_argument("--checkpoint", default=None,
+                   help="best.pt (best validation epoch) or last.pt (default: best.pt; on val/test last.pt when the run "
+                        "config's pseudo.test_checkpoint is last)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: auto)")
 
 
 def pseudo_main(args: argparse.Namespace) -> int:
     out = write_pseudo_masks(args.run, args.data, args.split, args.out, args.labels, args.device, args.checkpoint)
-    print(f"pseudo masks ({args.split}, labels={args.labels}) -> {out}")
+    labels = args.labels or f"{load_config(Path(args.run) / 'config.yaml').pseudo.labels} (run config)"
+    print(f"pseudo masks ({args.split}, labels={labels}) -> {out}")
     return 0
 
 

@@ -28,9 +28,10 @@ def build_classnet(model_cfg: Any, prototypes: torch.Tensor, backbone: nn.Module
     """
     mc = model_cfg
     if backbone is None:
-        backbone = get_backbone(mc.backbone, pretrained=mc.pretrained if pretrained is None else pretrained)
+        backbone = get_backbone(mc.backbone, pretrained=mc.pretrained if pretrained is None else pretrained,
+                                output_stride=mc.output_stride)
     return ClassNet(backbone, prototypes, mc.levels, mc.sim, mc.proj_hidden, mc.logit_scale, mc.learn_logit_scale,
-                    mc.normalize_prototypes)
+                    mc.normalize_prototypes, mc.input_norm)
 
 
 def build_model(cfg: Any, prototypes: torch.Tensor, encoder: ImageEncoder | None,
@@ -41,7 +42,9 @@ def build_model(cfg: Any, prototypes: torch.Tensor, encoder: ImageEncoder | None
     if (cfg.loss.fgs or cfg.loss.bgs) and encoder is not None:
         mc = cfg.model
         encode = functools.partial(encode_chunked, encoder, chunk=cfg.train.encoder_chunk)
-        matcher = ImgMatchNet(encoder, mc.delta, mc.at, mc.threshold_scope, mc.fgbg, encode=encode)
+        matcher = ImgMatchNet(encoder, mc.delta, mc.at, mc.threshold_scope, mc.fgbg, encode=encode,
+                              cam_source=mc.cam_source, pairs=mc.pairs, separation=mc.separation,
+                              space=mc.fgbg_space)
     return PBIP(classnet, matcher)
 
 

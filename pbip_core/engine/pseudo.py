@@ -4,6 +4,8 @@ The per-image steps are :mod:`pbip_core.method.pseudo` (fused CAM, restricted ar
 the argmax may choose: on ``train`` the file-name labels; on val/test ``pseudo.labels`` decides: ``gt`` = the classes
 present in the ground-truth mask (the official code and TPRO do this, so pseudo-mask numbers compare with the paper's
 tables; the paper itself does not say) or ``predicted`` = the classifier's own prediction (the deployment setting).
+Every function here defaults to the run configuration's ``pseudo.labels``; the official options ``pseudo.merge``,
+``pseudo.cam_norm`` and (val/test only) ``pseudo.tta`` are read from the same configuration.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..config import load_config
 from ..data import SegDataset, TrainDataset, load_info
 from ..data.check import preflight_dataset
 from ..data.folder import prediction_name
@@ -32,13 +35,17 @@ def iter_pseudo_masks(
     data_root: str | Path,
     split: str,
     cfg: Any,
-    labels: str = "gt",
+    labels: str | None = None,
     device: str = "cpu",
     batch_size: int = 16,
     max_items: int = 0,
     progress: bool = True,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """Yield ``(name, pseudo mask (H, W) uint8, gt mask or None)`` for every image of a split, at original size."""
+    """Yield ``(name, pseudo mask (H, W) uint8, gt mask or None)`` for every image of a split, at original size.
+
+    ``labels`` (val/test): ``gt`` or ``predicted``; None = ``cfg.pseudo.labels``."""
+    labels = labels or cfg.pseudo.labels
+    pc = cfg.pseudo
     info = load_info(data_root)
     size = cfg.data.image_size
     if split == "train":
@@ -51,13 +58,15 @@ def iter_pseudo_masks(
     for s in range(0, len(ds), batch_size):
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
         x = torch.stack([it["image"] for it in items]).to(device)
-        cam, logits = fused_cam(classnet, x, cfg.pseudo.level_weights or None)     # eq. 3, (B, N, S, S)
         if split == "train":
             present = torch.stack([it["label"] > 0.5 for it in items]).to(device)
         elif labels == "gt":
             present = torch.stack([gt_present(it["mask"], info.n_classes) for it in items]).to(device)
         else:
-            present = predicted_present(logits, cfg.pseudo.predict_threshold)
+            with torch.no_grad():
+                present = predicted_present(classnet(x).logits.mean(dim=0), pc.predict_threshold)
+        cam, _ = fused_cam(classnet, x, pc.level_weights or None, merge=pc.merge, cam_norm=pc.cam_norm,
+                           present=present, tta=pc.tta and split != "train")               # eq. 3, (B, N, S, S)
         for j, it in enumerate(items):
             path = ds.items[it["index"]][0] if split == "train" else ds.pairs[it["index"]][0]
             pred = pseudo_mask(cam[j:j + 1], present[j:j + 1], read_rgb(path), info.background_index, white)
@@ -67,7 +76,7 @@ def iter_pseudo_masks(
     bar.close()
 
 
-def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: Any, labels: str = "gt",
+def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: Any, labels: str | None = None,
                     device: str = "cpu", max_items: int = 0, progress: bool = False) -> dict:
     """Score pseudo masks of a val/test split in memory (no files): the ``pbip evaluate`` keys."""
     info = load_info(data_root)
@@ -78,13 +87,25 @@ def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: 
     return met.compute()
 
 
+def default_checkpoint(run_dir: str | Path, split: str) -> str:
+    """The weights a split's pseudo masks come from: ``best.pt``, or ``last.pt`` on val/test when the run's
+    ``pseudo.test_checkpoint`` is ``last``."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    last = split != "train" and cfg_path.is_file() and load_config(cfg_path).pseudo.test_checkpoint == "last"
+    return "last.pt" if last else "best.pt"
+
+
 def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path,
-                       labels: str = "gt", device: str = "auto", checkpoint: str = "best.pt",
+                       labels: str | None = None, device: str = "auto", checkpoint: str | None = None,
                        progress: bool = True) -> Path:
     """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette).
 
     The output folder, the split's files (image modes, every mask of val/test) and the checkpoint are checked before
-    the first mask is written."""
+    the first mask is written. ``labels`` None = the run configuration's ``pseudo.labels``; ``checkpoint`` None =
+    ``best.pt``, or ``last.pt`` on val/test when the run configuration's ``pseudo.test_checkpoint`` is ``last`` (the
+    official code)."""
+    if checkpoint is None:
+        checkpoint = default_checkpoint(run_dir, split)
     device = resolve_device(device)
     out = check_output_dir(out_dir)
     info = preflight_dataset(data_root, splits=() if split == "train" else (split,), train=split == "train")

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..method.losses import LossTerms, total_loss
-from ..method.model import PBIP, ImgMatchNet, MatchOutput, positive_pairs, separate
+from ..method.model import PBIP, ImgMatchNet, MatchOutput
 
 
 def encode_chunked(encoder: Any, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
@@ -64,28 +64,33 @@ def _detached(obj: Any) -> Any:
     return obj
 
 
-def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
+def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: torch.Tensor,
                      mlps: Sequence[nn.Module], loss_fn: Callable[..., Any], chunk: int = 8,
-                     pairs: torch.Tensor | None = None) -> tuple[MatchOutput, Any]:
-    """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact, no recomputation).
+                     pairs: torch.Tensor | None = None, separable: bool = True) -> tuple[MatchOutput, Any]:
+    """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact).
 
-    ``loss_fn(fg, bg, pairs)`` gets per-level features (p, C_i) of p pairs and their (p, 2) indices and returns the
-    loss (a scalar tensor, or :class:`~pbip_core.method.losses.LossTerms` with ``.total``); it may also hold terms that
-    do not depend on the features (L_CLS on the ClassNet's logits). Requirement: its dependence on the features is a
-    mean over the pairs of per-pair terms, as in eq. 9-12. Then dL/d(features of a chunk of p_c pairs) =
-    (p_c / P) d loss_fn(chunk)/d(features of the chunk), whatever the other chunks hold; so each chunk of
-    ``max(1, chunk // 2)`` pairs (its FG and BG images in one encoder call) is encoded, back-propagated to its masked
-    images and freed before the next one: at most one chunk's encoder graph is alive. A last backward runs ``loss_fn``
-    on all P pairs (encoder outputs as constants) together with the masked images and their collected gradients, so
-    the upstream graph (masks -> backbone, prototypes and features -> MLPs) is traversed once and every parameter's
-    ``.grad`` is accumulated once, as by ``loss.backward()`` after ``matcher(...)``.
+    ``loss_fn(fg, bg, pairs)`` gets per-head features (p, C_i) of p pairs and their indices and returns the loss (a
+    scalar tensor, or :class:`~pbip_core.method.losses.LossTerms` with ``.total``); it may also hold terms that do not
+    depend on the features (L_CLS on the ClassNet's logits). The heads are the matcher's (:meth:`ImgMatchNet.heads`:
+    the per-level MLPs, or the identity in the encoder space).
 
-    x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N); ``pairs`` (P, 2) as in :meth:`ImgMatchNet.forward`;
-    ``chunk`` = images per encoder call (0 = all 2P at once). Returns the match output and ``loss_fn``'s result on all
-    pairs, both detached. Gradients are accumulated into ``.grad``.
+    ``separable=True`` (eq. 9-12 as means over pairs): dL/d(features of a chunk of p_c pairs) = (p_c / P) d
+    loss_fn(chunk)/d(features of the chunk), whatever the other chunks hold; so each chunk of ``max(1, chunk // 2)``
+    pairs (its FG and BG images in one encoder call) is encoded, back-propagated to its masked images and freed before
+    the next one, without recomputation. ``separable=False`` (a loss that is not a mean over pairs, e.g. the official
+    batch-level InfoNCE, ``loss.nce="batch"``): every chunk is first encoded without a graph, the loss on all pairs
+    gives dL/d(features), then each chunk is encoded again with its graph and back-propagated with its slice of that
+    gradient (one extra encoder forward, same memory cap). Either way a last backward runs ``loss_fn`` on all P pairs
+    (encoder outputs as constants) together with the masked images and their collected gradients, so the upstream
+    graph (masks -> backbone, prototypes and features -> MLPs) is traversed once and every parameter's ``.grad`` is
+    accumulated once, as by ``loss.backward()`` after ``matcher(...)``.
+
+    x (B, 3, H, W); ``maps`` the ClassNet's output (or maps M_i (B, N, h_i, w_i)); labels (B, N); ``pairs`` (P, 2)
+    as in :meth:`ImgMatchNet.forward`; ``chunk`` = images per encoder call (0 = all 2P at once). Returns the match
+    output and ``loss_fn``'s result on all pairs, both detached. Gradients are accumulated into ``.grad``.
     """
     mm = matcher.masks(x, maps)
-    pairs = positive_pairs(labels) if pairs is None else pairs
+    pairs = matcher.select_pairs(maps, labels, pairs)
     n_pairs = pairs.shape[0]
     if n_pairs == 0 or matcher.fgbg == "pooled":                     # nothing to chunk: one forward, one backward
         match = matcher(x, maps, labels, mlps, pairs)
@@ -93,28 +98,49 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
         with _no_autocast(x):
             _loss_total(terms).backward()
         return _detached(match), _detached(terms)
-    x_fg, x_bg = separate(x, mm.fg, mm.bg, pairs)                    # eq. 5 images with their graph, (P, 3, H, W)
+    heads = matcher.heads(mlps)
+    x_fg, x_bg = matcher.images(x, mm, matcher.channels(maps, pairs))   # eq. 5 images with their graph, (P, 3, H, W)
     per = max(1, chunk // 2) if chunk > 0 else n_pairs
-    f_fg, f_bg, g_fg, g_bg = [], [], [], []                          # encoder outputs (p_c, d), d/d(images)
-    for s in range(0, n_pairs, per):
-        e = min(s + per, n_pairs)
-        p_c = e - s
-        xin = torch.cat([x_fg[s:e], x_bg[s:e]]).detach().requires_grad_(True)   # the chunk's images as a leaf
-        f = matcher.encoder.encode(xin)                              # (2p_c, d): this chunk's graph only
-        f_leaf = f.detach().requires_grad_(True)
-        part = _loss_total(loss_fn([mlp(f_leaf[:p_c]) for mlp in mlps], [mlp(f_leaf[p_c:]) for mlp in mlps],
-                                   pairs[s:e]))
-        with _no_autocast(x):                                        # backward outside autocast regions
-            g_f, = torch.autograd.grad(part * (p_c / n_pairs), f_leaf)   # dL/d(features of this chunk)
-            g_x, = torch.autograd.grad(f, xin, g_f)                  # through the encoder; frees its graph
-        f_fg.append(f_leaf.detach()[:p_c])
-        f_bg.append(f_leaf.detach()[p_c:])
-        g_fg.append(g_x[:p_c])
-        g_bg.append(g_x[p_c:])
-        del xin, f, f_leaf, part, g_f, g_x
-    f_fg, f_bg = torch.cat(f_fg), torch.cat(f_bg)                    # (P, d) each, in pair order
-    fg = [mlp(f_fg) for mlp in mlps]
-    bg = [mlp(f_bg) for mlp in mlps]
+    spans = [(s, min(s + per, n_pairs)) for s in range(0, n_pairs, per)]
+    g_fg, g_bg = [], []                                              # d/d(images) per chunk
+    if separable:
+        f_fg, f_bg = [], []                                          # encoder outputs (p_c, d)
+        for s, e in spans:
+            p_c = e - s
+            xin = torch.cat([x_fg[s:e], x_bg[s:e]]).detach().requires_grad_(True)   # the chunk's images as a leaf
+            f = matcher.encoder.encode(xin)                          # (2p_c, d): this chunk's graph only
+            f_leaf = f.detach().requires_grad_(True)
+            part = _loss_total(loss_fn([h(f_leaf[:p_c]) for h in heads], [h(f_leaf[p_c:]) for h in heads],
+                                       pairs[s:e]))
+            with _no_autocast(x):                                    # backward outside autocast regions
+                g_f, = torch.autograd.grad(part * (p_c / n_pairs), f_leaf)   # dL/d(features of this chunk)
+                g_x, = torch.autograd.grad(f, xin, g_f)              # through the encoder; frees its graph
+            f_fg.append(f_leaf.detach()[:p_c])
+            f_bg.append(f_leaf.detach()[p_c:])
+            g_fg.append(g_x[:p_c])
+            g_bg.append(g_x[p_c:])
+            del xin, f, f_leaf, part, g_f, g_x
+        f_fg, f_bg = torch.cat(f_fg), torch.cat(f_bg)                # (P, d) each, in pair order
+    else:
+        with torch.no_grad():                                        # pass 1: features only
+            f_all = [matcher.encoder.encode(torch.cat([x_fg[s:e], x_bg[s:e]]).detach()) for s, e in spans]
+        f_fg = torch.cat([f[: e - s] for f, (s, e) in zip(f_all, spans)]).requires_grad_(True)
+        f_bg = torch.cat([f[e - s:] for f, (s, e) in zip(f_all, spans)]).requires_grad_(True)
+        del f_all
+        whole = _loss_total(loss_fn([h(f_fg) for h in heads], [h(f_bg) for h in heads], pairs))
+        with _no_autocast(x):
+            d_fg, d_bg = torch.autograd.grad(whole, [f_fg, f_bg])    # dL/d(features), all pairs
+        for s, e in spans:                                           # pass 2: one chunk's encoder graph at a time
+            xin = torch.cat([x_fg[s:e], x_bg[s:e]]).detach().requires_grad_(True)
+            f = matcher.encoder.encode(xin)
+            with _no_autocast(x):
+                g_x, = torch.autograd.grad(f, xin, torch.cat([d_fg[s:e], d_bg[s:e]]).to(f.dtype))
+            g_fg.append(g_x[: e - s])
+            g_bg.append(g_x[e - s:])
+            del xin, f, g_x
+        f_fg, f_bg = f_fg.detach(), f_bg.detach()
+    fg = [h(f_fg) for h in heads]
+    bg = [h(f_bg) for h in heads]
     terms = loss_fn(fg, bg, pairs)
     total = _loss_total(terms)
     with _no_autocast(x):
@@ -122,28 +148,36 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
     return _detached(MatchOutput(pairs, fg, bg, mm.m, mm.b)), _detached(terms)
 
 
+def _last_cam(out_c: Any) -> torch.Tensor:
+    """The last level's CAM in logit units (scale x cosine map), the official code's cam4 for the CAM term."""
+    return out_c.maps[-1] * out_c.scale[-1]
+
+
 def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torch.Tensor, loss_cfg: Any,
                       chunk: int = 8, ddp_model: nn.Module | None = None) -> LossTerms:
     """One step's loss terms (eq. 6) with their backward; returns the detached terms.
 
     Single process (``ddp_model is None``): FG/BG encoded and back-propagated chunk by chunk under the ``chunk`` memory
-    cap (:func:`forward_backward`, exact). Under DDP, ``ddp_model`` (the wrapped ``model``) runs one forward and one
-    backward, which DDP needs to all-reduce the gradients.
+    cap (:func:`forward_backward`, exact; the official batch InfoNCE takes its non-separable path). Under DDP,
+    ``ddp_model`` (the wrapped ``model``) runs one forward and one backward, which DDP needs to all-reduce the
+    gradients.
     """
     if ddp_model is None and model.matcher is not None:
         out_c = model.classnet(x)
+        protos = model.loss_prototypes(out_c)
 
         def loss_fn(fg, bg, p):
-            return total_loss(out_c.logits.float(), y, fg, bg, out_c.protos, p, loss_cfg, last_map=out_c.maps[-1])
+            return total_loss(out_c.logits.float(), y, fg, bg, protos, p, loss_cfg, last_map=_last_cam(out_c))
 
-        _, terms = forward_backward(model.matcher, x, out_c.maps, y, model.classnet.mlps, loss_fn, chunk, pairs)
+        _, terms = forward_backward(model.matcher, x, out_c, y, model.classnet.mlps, loss_fn, chunk, pairs,
+                                    separable=loss_cfg.nce == "pair")
         return terms
     out_c, match = (ddp_model or model)(x, y, pairs)
     terms = total_loss(
         out_c.logits.float(), y,
         match.fg if match is not None else [], match.bg if match is not None else [],
-        out_c.protos, match.pairs if match is not None else None, loss_cfg,
-        last_map=out_c.maps[-1],
+        model.loss_prototypes(out_c), match.pairs if match is not None else None, loss_cfg,
+        last_map=_last_cam(out_c),
     )
     terms.total.backward()
     return _detached(terms)

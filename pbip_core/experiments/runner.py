@@ -1,8 +1,10 @@
 """The resumable runner: every run of a grid through the pipeline, one tidy results table.
 
 The pipeline of one run (:func:`pipeline_step`): prototype bank (cached per dataset and bank config; ``bank.seed``
-stays fixed unless a variant sets it, so seeds vary the training only) -> stage-1 training -> pseudo masks of
-``splits`` -> scores -> optionally train pseudo masks -> stage 2 -> scores. Every finished (or failed) run becomes one
+stays fixed unless a variant sets it or ``bank.seed_from_train`` ties it to the run's seed, so seeds vary the training
+only by default) -> stage-1 training -> pseudo masks of ``splits`` (val/test restricted by ``pseudo.labels``, from the
+``pseudo.test_checkpoint`` weights; train from ``best.pt``) -> scores -> optionally train pseudo masks -> stage 2 ->
+scores. Every finished (or failed) run becomes one
 row of ``RESULTS/<name>.csv``: grid, hash, dataset, method, variant, seed, status, wall time, every flat config key
 (dotted), and every metric as ``<stage>.<split>.<metric>`` (per-class IoU as ``<stage>.<split>.iou.<class>``). Rows
 are written atomically under a file lock. Rerunning a grid skips runs whose hash already has status ``ok`` and
@@ -143,8 +145,9 @@ def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "resul
     s1 = run_dir / "stage1"
     train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file())
     out: dict[str, Any] = {}
-    for split in spec.splits:
-        masks = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}")
+    for split in spec.splits:  # val/test: cfg.pseudo.labels and the cfg.pseudo.test_checkpoint weights
+        ckpt = "last.pt" if (split != "train" and cfg.pseudo.test_checkpoint == "last") else "best.pt"
+        masks = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}", cfg.pseudo.labels, checkpoint=ckpt)
         if split != "train":
             out.update(flatten_metrics("stage1", split, evaluate_dir(masks, data, split)))
     if spec.stage2:

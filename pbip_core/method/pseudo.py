@@ -8,9 +8,14 @@ For each image:
    classes present in the ground-truth mask (``labels="gt"``, as the official code and TPRO do, so numbers compare
    with the paper's pseudo-mask tables), or the classifier's own prediction (``labels="predicted"``: sigmoid of the
    level-averaged image logits > ``pseudo.predict_threshold``, at least the top class), the honest deployment setting;
-3. background rule: a pixel whose 3x3-median of min(R, G, B) is above ``pseudo.white_threshold`` * 255 is white glass
-   and becomes ``background_index`` (``pseudo.white_background=false`` turns it off, as in the official code, which
-   never predicts background).
+3. background rule (a reading: the paper names none): a pixel whose 3x3-median of min(R, G, B) is above
+   ``pseudo.white_threshold`` * 255 is white glass and becomes ``background_index`` (``pseudo.white_background=false``
+   turns it off, as in the official code, which never predicts background).
+
+The official code's variants (``pseudo.*`` keys): the K sub-maps of a class merged by a softmax-weighted sum instead
+of the mean (``merge="softmax"``), each level's map passed through ReLU and a per-channel min-max with absent classes
+zeroed before the fusion (``cam_norm="relu_minmax"``), and on val/test a mean over horizontal flips and input scalings
+0.9 / 1.0 / 1.1 (``tta``), as its ``utils/validate.py`` (``get_seg_label``, ``validate``).
 
 This module holds the per-batch functions; running them over a dataset split and writing the PNGs (P mode, dataset
 palette, the images' file names, atomically) is :mod:`pbip_core.engine.pseudo`.
@@ -18,7 +23,7 @@ palette, the images' file names, atomically) is :mod:`pbip_core.engine.pseudo`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,17 +33,62 @@ from scipy import ndimage
 from .model import ClassNet, aggregate
 
 
+#: The official test-time augmentation: ttach HorizontalFlip x Multiply(0.9, 1.0, 1.1) of the normalised input.
+TTA = tuple((flip, gain) for flip in (False, True) for gain in (0.9, 1.0, 1.1))
+
+
 # ---------------------------------------------------------------------- pure functions
+def merge_submaps(sub: torch.Tensor, scale: float | torch.Tensor = 1.0, merge: str = "mean") -> torch.Tensor:
+    """A class map from its K prototype maps.  sub (B, N, K, h, w) cosines -> (B, N, h, w).
+
+    ``"mean"``: the mean over K (eq. 2). ``"softmax"``: sum_k softmax_k(s * sub) * sub per pixel, s the level's logit
+    scale: the official ``merge_subclass_cams_to_parent(method="max")`` on its CAM logits s * sub, divided by s.
+    """
+    if merge == "mean":
+        return sub.mean(dim=2)
+    return (torch.softmax(sub * scale, dim=2) * sub).sum(dim=2)
+
+
+def relu_minmax(cam: torch.Tensor, present: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """The official per-level CAM normalisation: ReLU, min-max per (image, class) channel, absent classes set to 0.
+    cam (B, N, h, w), present (B, N) bool or None -> (B, N, h, w) in [0, 1]."""
+    c = cam.clamp_min(0)
+    lo, hi = c.amin(dim=(2, 3), keepdim=True), c.amax(dim=(2, 3), keepdim=True)
+    c = (c - lo) / (hi - lo + eps)
+    return c if present is None else c * present[:, :, None, None].to(c.dtype)
+
+
+def level_cams(out: Any, merge: str = "mean", cam_norm: str = "none",
+               present: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per-level class maps of a ClassNet output for pseudo masks: merged over K (:func:`merge_submaps`), optionally
+    normalised (:func:`relu_minmax`).  -> list of (B, N, h_i, w_i)."""
+    cams = [out.maps[i] if merge == "mean" else merge_submaps(out.submaps[i], out.scale[i], merge)
+            for i in range(len(out.maps))]
+    if cam_norm == "relu_minmax":
+        cams = [relu_minmax(c, present) for c in cams]
+    return cams
+
+
 @torch.no_grad()
 def fused_cam(classnet: ClassNet, x: torch.Tensor, level_weights: Sequence[float] | None = None,
-              size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              size: tuple[int, int] | None = None, merge: str = "mean", cam_norm: str = "none",
+              present: torch.Tensor | None = None, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused class maps (eq. 3) and image logits.  x (B, 3, H, W) -> cam (B, N, H', W'), logits (B, N).
 
-    ``size`` = output size (default: the input's).
+    ``size`` = output size (default: the input's). ``merge``, ``cam_norm`` (with ``present`` (B, N) bool, the classes
+    kept by the normalisation) and ``tta`` (mean of the fused maps over :data:`TTA`, flips undone) are the official
+    code's options; the logits are those of the plain forward.
     """
+    size = size or tuple(x.shape[-2:])
     out = classnet(x)
-    cam = aggregate(out.maps, size or tuple(x.shape[-2:]), level_weights)
-    return cam, out.logits.mean(dim=0)
+    logits = out.logits.mean(dim=0)
+    views = TTA if tta else ((False, 1.0),)
+    cams = []
+    for flip, gain in views:
+        o = out if (not flip and gain == 1.0) else classnet(x.flip(-1) if flip else x, gain=gain)
+        cam = aggregate(level_cams(o, merge, cam_norm, present), size, level_weights)
+        cams.append(cam.flip(-1) if flip else cam)
+    return torch.stack(cams).mean(dim=0), logits
 
 
 def white_mask(image: np.ndarray, threshold: float = 0.85) -> np.ndarray:
