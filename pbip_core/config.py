@@ -86,6 +86,10 @@ class ModelConfig:
     # eq. 4: "class" = tau per image and class on the min-max scaled map (paper); "global" = tau = delta x the max
     # over all channels of the un-normalised map M' (official: MaskAdapter_DynamicThreshold on the raw CAM logits)
     threshold_scope: Literal["class", "global"] = "class"
+    # eq. 4 on which map (a reading; the paper writes tau = delta max(M) with M undefined): "fused" = M' of eq. 3 (the
+    # sum of cosine maps), tau = delta max M' | "minmax" = M = min-max(M'), tau = delta (with delta = 0.15 it keeps
+    # ~97 % of the pixels: the adaptive threshold does almost nothing and X_BG is nearly black; chapter 04)
+    threshold_map: Literal["fused", "minmax"] = "fused"
     proj_hidden: int = 0              # hidden width of the prototype MLP; 0 = same as the level's C_i (official: 256 =
                                       # 0.5 x the 512-d prototypes, AdaptiveLayer n_ratio)
     logit_scale: float = 10.0         # s in sigmoid(s * GAP(M_i)): a reading (eq. 7 gives none; model.py, losses.py);

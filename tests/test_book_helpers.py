@@ -70,6 +70,11 @@ def test_foreground_share_by_hand():
     assert t["foreground share (b)"].tolist() == [1.0, 0.5, 0.25]
     assert t["mean FG weight b·M"].tolist() == pytest.approx([1.7 / 4, 1.5 / 4, 1.0 / 4])
     assert t["mean FG weight without AT (M)"].tolist() == pytest.approx([1.7 / 4] * 3)
+    fused = 2 * m - 0.5                                       # M' in [-0.5, 1.5]: cut at delta x 1.5
+    t = foreground_share(m, present, [0.3], fused=fused)     # M' = [-.5, -.1, .5, 1.5] >= .45: 2 of 4
+    assert t["foreground share (b)"].tolist() == [0.5] and t["foreground share if cut on M"].tolist() == [0.5]
+    t = foreground_share(m, present, [0.0], fused=fused)     # tau = 0: only M' >= 0 (2 of 4); on M all 4
+    assert t["foreground share (b)"].tolist() == [0.5] and t["foreground share if cut on M"].tolist() == [1.0]
 
 
 def test_masks_helpers():

@@ -303,7 +303,7 @@ def test_histories_to_frames_and_training_time(tmp_path):
 
 
 def test_foreground_images_follow_eq_4_and_5(tmp_path):
-    cfg = make_config("smoke")
+    cfg = make_config("smoke", {"model.threshold_map": "minmax"})      # eq. 4 on M, checkable from the returned M
     torch.manual_seed(0)
     net = ClassNet(get_backbone(cfg.model.backbone, pretrained=False), torch.randn(4, 2, 16), cfg.model.levels)
     run = tmp_path / "run"

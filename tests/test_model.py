@@ -115,7 +115,7 @@ def test_global_threshold_scope_uses_the_unnormalised_map():
     from pbip_core.method.model import match_masks
 
     maps = [torch.tensor([[[[0.2, 1.0]], [[0.1, 0.4]]]])]              # (1, 2, 1, 2): class maxima 1.0 and 0.4
-    cls = match_masks(maps, (1, 2), delta=0.5, scope="class")
+    cls = match_masks(maps, (1, 2), delta=0.5, scope="class", threshold_map="minmax")
     glob = match_masks(maps, (1, 2), delta=0.5, scope="global")
     # class scope on min-max(M'): class 0 [0, 1] -> b = [0, 1]; class 1 [0, 1] -> b = [0, 1]
     assert cls.b[0, 0].tolist() == [[0, 1]] and cls.b[0, 1].tolist() == [[0, 1]]
@@ -283,3 +283,16 @@ def test_fused_cam_tta_averages_flipped_and_scaled_views():
     assert cam[0, 2].abs().sum() == 0                                 # the absent class stays 0
     plain, _ = fused_cam(net, x)
     assert not torch.allclose(plain, cam)
+
+
+def test_threshold_map_fused_versus_minmax():
+    """Eq. 4 on M' (this book's reading) or on M = min-max(M'): with a negative minimum they cut differently."""
+    from pbip_core.method.model import match_masks
+
+    maps = [torch.tensor([[[[-0.6, 0.1, 0.5, 1.0]]]])]                  # (1, 1, 1, 4): M' of one class
+    fused = match_masks(maps, (1, 4), delta=0.15)
+    mm = match_masks(maps, (1, 4), delta=0.15, threshold_map="minmax")
+    # M' >= 0.15 x 1.0 = 0.15: [0, 0, 1, 1];  M = (M' + 0.6) / 1.6 = [0, .4375, .6875, 1] >= 0.15: [0, 1, 1, 1]
+    assert fused.b[0, 0].tolist() == [[0, 0, 1, 1]] and mm.b[0, 0].tolist() == [[0, 1, 1, 1]]
+    assert torch.allclose(fused.m, mm.m)                                # eq. 5 weights from the same M
+    assert torch.allclose(fused.fg, fused.b * fused.m) and torch.allclose(mm.bg, (1 - mm.b) * (1 - mm.m))

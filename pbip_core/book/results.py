@@ -163,7 +163,8 @@ def foreground_images(run: str | Path, image: np.ndarray, classes: Sequence[int]
     net, cfg = load_classnet(Path(run) / "stage1")
     x = resize_image(to_tensor(image), cfg.data.image_size)[None]
     with torch.no_grad():                                                            # eq. 3-5 of the run's config
-        mm = match_masks(net(x).maps, tuple(x.shape[-2:]), cfg.model.delta, cfg.model.at, cfg.model.threshold_scope)
+        mm = match_masks(net(x).maps, tuple(x.shape[-2:]), cfg.model.delta, cfg.model.at, cfg.model.threshold_scope,
+                         threshold_map=cfg.model.threshold_map)
     maps = {c: mm.m[0, c].numpy() for c in classes}
     xs = {c: (255 * (x[0] * mm.fg[0, c]).permute(1, 2, 0).clamp(0, 1).numpy()).astype(np.uint8) for c in classes}
     return maps, xs

@@ -389,21 +389,24 @@ def similarity_summary(protos: torch.Tensor, classes: Sequence[str]) -> pd.DataF
     return pd.DataFrame(rows).T.rename_axis("class")
 
 
-def foreground_share(m: torch.Tensor, present: torch.Tensor, deltas: Sequence[float], scope: str = "class"
-                     ) -> pd.DataFrame:
+def foreground_share(m: torch.Tensor, present: torch.Tensor, deltas: Sequence[float], scope: str = "class",
+                     fused: torch.Tensor | None = None) -> pd.DataFrame:
     """Share of foreground pixels of b (eq. 4) over the (image, class) pairs present, for each delta.
 
     m (B, N, H, W) in [0, 1]; present (B, N) bool. Also the share of the soft FG weight b * M and of M itself
-    ("no AT": FG = M). Returns one row per delta. (``scope="global"`` on a min-max scaled m equals the class scope:
-    the official threshold needs the un-normalised map, see :func:`pbip_core.method.model.match_masks`.)
+    ("no AT": FG = M). With ``fused`` = M' (B, N, H, W) of eq. 3, b is cut on M' (tau = delta max M', this book's
+    reading) and a column gives the share that cutting M itself would keep (the min-max reading). One row per delta.
     """
     sel = present.bool()
     rows = []
     for d in deltas:
-        b = adaptive_threshold(m, float(d), scope)
-        rows.append({"delta": float(d), "foreground share (b)": float(b[sel].mean()),
-                     "mean FG weight b·M": float((b * m)[sel].mean()),
-                     "mean FG weight without AT (M)": float(m[sel].mean())})
+        b = adaptive_threshold(m if fused is None else fused, float(d), scope)
+        row = {"delta": float(d), "foreground share (b)": float(b[sel].mean()),
+               "mean FG weight b·M": float((b * m)[sel].mean()),
+               "mean FG weight without AT (M)": float(m[sel].mean())}
+        if fused is not None:
+            row["foreground share if cut on M"] = float(adaptive_threshold(m, float(d), scope)[sel].mean())
+        rows.append(row)
     return pd.DataFrame(rows).set_index("delta")
 
 

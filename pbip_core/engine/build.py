@@ -44,7 +44,7 @@ def build_model(cfg: Any, prototypes: torch.Tensor, encoder: ImageEncoder | None
         encode = functools.partial(encode_chunked, encoder, chunk=cfg.train.encoder_chunk)
         matcher = ImgMatchNet(encoder, mc.delta, mc.at, mc.threshold_scope, mc.fgbg, encode=encode,
                               cam_source=mc.cam_source, pairs=mc.pairs, separation=mc.separation,
-                              space=mc.fgbg_space)
+                              space=mc.fgbg_space, threshold_map=mc.threshold_map)
     return PBIP(classnet, matcher)
 
 
