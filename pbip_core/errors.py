@@ -27,3 +27,7 @@ class ConfigError(PBIPError, KeyError):
 
 class TrainingError(PBIPError, RuntimeError):
     """Training cannot go on (for example a NaN/inf loss)."""
+
+
+class MissingRunsError(PBIPError):
+    """A chapter needs runs that are not in the results folder and may not train them itself (the paper profile)."""

@@ -22,7 +22,7 @@ from ..method.model import ClassNet
 from ..method.pseudo import fused_cam, gt_present, predicted_present, pseudo_mask
 from .checkpoint import load_classnet
 from .metrics import SegMetrics
-from .runtime import resolve_device
+from .runtime import device_for
 
 
 def iter_pseudo_masks(
@@ -79,9 +79,11 @@ def evaluate_pseudo(classnet: ClassNet, data_root: str | Path, split: str, cfg: 
 def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, out_dir: str | Path,
                        labels: str = "gt", device: str = "auto", checkpoint: str = "best.pt",
                        progress: bool = True) -> Path:
-    """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette)."""
-    device = resolve_device(device)
-    classnet, cfg = load_classnet(run_dir, checkpoint, device)
+    """Write pseudo masks of ``split`` from a stage-1 run's checkpoint into ``out_dir`` (PNG, dataset palette).
+    ``device``: ``auto`` = the GPU when there is one (the paper profile refuses a CPU, as training does)."""
+    classnet, cfg = load_classnet(run_dir, checkpoint, "cpu")
+    device = device_for(cfg, device)
+    classnet = classnet.to(device)
     info = load_info(data_root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,9 +64,14 @@ def _detached(obj: Any) -> Any:
     return obj
 
 
+def _unscaled(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
 def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
                      mlps: Sequence[nn.Module], loss_fn: Callable[..., Any], chunk: int = 8,
-                     pairs: torch.Tensor | None = None) -> tuple[MatchOutput, Any]:
+                     pairs: torch.Tensor | None = None,
+                     scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[MatchOutput, Any]:
     """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact, no recomputation).
 
     ``loss_fn(fg, bg, pairs)`` gets per-level features (p, C_i) of p pairs and their (p, 2) indices and returns the
@@ -81,9 +86,11 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
     ``.grad`` is accumulated once, as by ``loss.backward()`` after ``matcher(...)``.
 
     x (B, 3, H, W); maps M_i (B, N, h_i, w_i); labels (B, N); ``pairs`` (P, 2) as in :meth:`ImgMatchNet.forward`;
-    ``chunk`` = images per encoder call (0 = all 2P at once). Returns the match output and ``loss_fn``'s result on all
-    pairs, both detached. Gradients are accumulated into ``.grad``.
+    ``chunk`` = images per encoder call (0 = all 2P at once). ``scale`` multiplies every quantity that is
+    back-propagated (fp16: a gradient scaler's ``scale``), so ``.grad`` holds the scaled gradients. Returns the match
+    output and ``loss_fn``'s result on all pairs, both detached. Gradients are accumulated into ``.grad``.
     """
+    scale = scale or _unscaled
     mm = matcher.masks(x, maps)
     pairs = positive_pairs(labels) if pairs is None else pairs
     n_pairs = pairs.shape[0]
@@ -91,7 +98,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
         match = matcher(x, maps, labels, mlps, pairs)
         terms = loss_fn(match.fg, match.bg, match.pairs)
         with _no_autocast(x):
-            _loss_total(terms).backward()
+            scale(_loss_total(terms)).backward()
         return _detached(match), _detached(terms)
     x_fg, x_bg = separate(x, mm.fg, mm.bg, pairs)                    # eq. 5 images with their graph, (P, 3, H, W)
     per = max(1, chunk // 2) if chunk > 0 else n_pairs
@@ -105,7 +112,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
         part = _loss_total(loss_fn([mlp(f_leaf[:p_c]) for mlp in mlps], [mlp(f_leaf[p_c:]) for mlp in mlps],
                                    pairs[s:e]))
         with _no_autocast(x):                                        # backward outside autocast regions
-            g_f, = torch.autograd.grad(part * (p_c / n_pairs), f_leaf)   # dL/d(features of this chunk)
+            g_f, = torch.autograd.grad(scale(part * (p_c / n_pairs)), f_leaf)   # dL/d(features of this chunk)
             g_x, = torch.autograd.grad(f, xin, g_f)                  # through the encoder; frees its graph
         f_fg.append(f_leaf.detach()[:p_c])
         f_bg.append(f_leaf.detach()[p_c:])
@@ -118,17 +125,18 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Sequence[torch
     terms = loss_fn(fg, bg, pairs)
     total = _loss_total(terms)
     with _no_autocast(x):
-        torch.autograd.backward([total, x_fg, x_bg], [torch.ones_like(total), torch.cat(g_fg), torch.cat(g_bg)])
+        torch.autograd.backward([scale(total), x_fg, x_bg], [torch.ones_like(total), torch.cat(g_fg), torch.cat(g_bg)])
     return _detached(MatchOutput(pairs, fg, bg, mm.m, mm.b)), _detached(terms)
 
 
 def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torch.Tensor, loss_cfg: Any,
-                      chunk: int = 8, ddp_model: nn.Module | None = None) -> LossTerms:
+                      chunk: int = 8, ddp_model: nn.Module | None = None,
+                      scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossTerms:
     """One step's loss terms (eq. 6) with their backward; returns the detached terms.
 
     Single process (``ddp_model is None``): FG/BG encoded and back-propagated chunk by chunk under the ``chunk`` memory
     cap (:func:`forward_backward`, exact). Under DDP, ``ddp_model`` (the wrapped ``model``) runs one forward and one
-    backward, which DDP needs to all-reduce the gradients.
+    backward, which DDP needs to all-reduce the gradients. ``scale``: see :func:`forward_backward` (fp16 training).
     """
     if ddp_model is None and model.matcher is not None:
         out_c = model.classnet(x)
@@ -136,7 +144,7 @@ def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torc
         def loss_fn(fg, bg, p):
             return total_loss(out_c.logits.float(), y, fg, bg, out_c.protos, p, loss_cfg, last_map=out_c.maps[-1])
 
-        _, terms = forward_backward(model.matcher, x, out_c.maps, y, model.classnet.mlps, loss_fn, chunk, pairs)
+        _, terms = forward_backward(model.matcher, x, out_c.maps, y, model.classnet.mlps, loss_fn, chunk, pairs, scale)
         return terms
     out_c, match = (ddp_model or model)(x, y, pairs)
     terms = total_loss(
@@ -145,5 +153,5 @@ def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torc
         out_c.protos, match.pairs if match is not None else None, loss_cfg,
         last_map=out_c.maps[-1],
     )
-    terms.total.backward()
+    (scale or _unscaled)(terms.total).backward()
     return _detached(terms)
