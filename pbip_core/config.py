@@ -55,7 +55,7 @@ class DataConfig:
     image_size: int = 224             # images are resized to this square size for training
     augment: bool = True              # random flips + rot90: a reading (the paper names no augmentation; the official
                                       # code's albumentations HorizontalFlip + VerticalFlip + RandomRotate90)
-    num_workers: int = 0
+    num_workers: int = 0              # DataLoader worker processes per training process (paper profile: 8)
     max_train: int = 0                # 0 = all training images; >0 caps them (smoke runs)
 
 
@@ -73,6 +73,9 @@ class BankConfig:
     seed: int = 0                     # K-means seeds (seed + n) and random sub-banks (seed * 1000 + n)
     seed_from_train: bool = False     # True: bank.seed := train.seed (Fig. 4's random sub-banks drawn per run seed)
     batch_size: int = 32
+    # Build the encoder's architecture with random weights instead of loading pretrained ones: tests of the paper
+    # path (MedCLIP's architecture) on machines without the weights. Every output says "RANDOM WEIGHTS".
+    random_init: bool = False
 
 
 @dataclass
@@ -149,11 +152,15 @@ class TrainConfig:
                                                                    # decay (PolyWarmupAdamW, power 1, no warm-up)
     warmup_steps: int = 0
     device: str = "auto"              # "auto" = cuda if available else cpu
+    allow_cpu: bool = False           # the paper profile refuses to run on a CPU unless this is true (tests, tiny data)
+    dist_timeout_min: float = 60.0    # torch.distributed process-group timeout (minutes): a stuck rank fails, not hangs
     # FG/BG images per encoder call in the exact chunked step (0 = all 2P in one call). Same mathematics whatever
     # the value; 8 measured fastest on CPU (benchmarks/README.md) and caps the encoder's live graph at 8 images.
     encoder_chunk: int = 8
-    amp: bool = False                 # bf16 autocast on GPU (the paper profile's choice, not the paper's; the official
-                                      # code uses fp16 autocast with a GradScaler)
+    # mixed precision for stage 1 and stage 2: bf16 autocast | fp16 autocast with a gradient scaler | off (fp32).
+    # Applied on the device the run uses (slow on a CPU without bf16 units: the paper profile's CPU runs are tests).
+    # The paper profile's bf16 is this book's choice, not the paper's; the official code uses fp16 with a GradScaler.
+    amp: Literal["bf16", "fp16", "off"] = "off"
     val_every: int = 1                # validate pseudo masks every N epochs (0 = never)
     max_val: int = 0                  # cap validation images (0 = all)
     log_every: int = 10
@@ -199,8 +206,11 @@ class Stage2Config:
     seed: int = 0
 
 
-# keys that schedule the same computation differently (not part of a run's identity)
-_UNHASHED = ("train.device", "data.num_workers", "train.log_every", "train.encoder_chunk")
+# keys that schedule the same computation differently, or say where it runs (not part of a run's identity). The
+# dataset folder (data.root) is a path: a run's identity holds the dataset's content identity instead
+# (pbip_core.experiments.identity), so the same data under another path or on another machine is the same run.
+_UNHASHED = ("train.device", "data.num_workers", "train.log_every", "train.encoder_chunk", "data.root",
+             "train.allow_cpu", "train.dist_timeout_min")
 
 
 @dataclass
@@ -268,7 +278,7 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
         "model.backbone": "mit_b1", "model.levels": (1, 2, 3), "model.delta": 0.15,
         "loss.alpha": 1.0, "loss.beta": 0.5, "loss.theta1": 1.0, "loss.theta2": 0.5, "loss.tau": 1.0,
         "train.epochs": 10, "train.batch_size": 10, "train.lr": 1e-5, "train.weight_decay": 0.003,
-        "train.amp": True,
+        "train.amp": "bf16", "data.num_workers": 8,
         "stage2.backbone": "resnet101", "stage2.epochs": 20, "stage2.batch_size": 10, "stage2.image_size": 224,
     },
 }
@@ -408,7 +418,24 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
     if name not in fields or dataclasses.is_dataclass(getattr(obj, name)):
         raise ConfigError(f"unknown config key {key!r}; see `pbip config --profile demo` for all keys")
+    if key in _LEGACY_VALUES and _hashable(value) and value in _LEGACY_VALUES[key]:
+        value = _LEGACY_VALUES[key][value]
     setattr(obj, name, _coerce(key, getattr(obj, name), value))
+
+
+# Values of older configs (and of YAML, where `off` reads as false) -> today's: train.amp was a bf16 on/off switch.
+_LEGACY_VALUES: dict[str, dict[Any, Any]] = {
+    "train.amp": {True: "bf16", False: "off", "on": "bf16", "true": "bf16", "false": "off", "True": "bf16",
+                  "False": "off"},
+}
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _coerce(key: str, current: Any, value: Any) -> Any:

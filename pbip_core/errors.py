@@ -31,3 +31,7 @@ class TrainingError(PBIPError, RuntimeError):
 
 class RunClaimedError(PBIPError):
     """A run folder is in use by another live process (see :mod:`pbip_core.engine.claims`)."""
+
+
+class MissingRunsError(PBIPError):
+    """A chapter needs runs that are not in the results folder and may not train them itself (the paper profile)."""

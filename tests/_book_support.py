@@ -88,3 +88,15 @@ def texts(nb: nbformat.NotebookNode, mime: str) -> list[str]:
             value = o["data"][mime]
             found.append(value if isinstance(value, str) else "".join(value) if isinstance(value, list) else value)
     return found
+
+
+def fresh_book_copy(tmp_path: Path) -> Path:
+    """A private copy of the book root under ``tmp_path`` (``pbip book`` executes chapters in place: never in the
+    repository, and not in the session's shared copy either)."""
+    root = Path(tmp_path) / "book-root"
+    root.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(ROOT / name, root / name)
+    shutil.copytree(ROOT / "book", root / "book",
+                    ignore=shutil.ignore_patterns("_static", ".*", "_build", "*.running.ipynb"))
+    return root

@@ -95,6 +95,24 @@ def test_forward_backward_equals_one_backward(tiny, chunk):
     assert match.pairs.shape == (6, 2) and not match.fg[0].requires_grad
 
 
+@pytest.mark.parametrize("fgbg", ["exact", "pooled"])
+def test_scaled_backward_scales_every_gradient(tiny, fgbg):
+    """fp16 training: the gradient scaler's ``scale`` multiplies everything back-propagated, chunks included, so the
+    gradients are exactly scale x the unscaled ones (the scaler divides them back before the optimizer step)."""
+    net, x, y = tiny
+    cfg = LossConfig(cam_reg=0.01)
+    enc = TinyEncoder()
+    grads = []
+    for scale in (None, lambda t: t * 1024.0):
+        model = PBIP(copy.deepcopy(net), ImgMatchNet(enc, fgbg=fgbg))
+        out = model.classnet(x)
+        forward_backward(model.matcher, x, out.maps, y, model.classnet.mlps,
+                         lambda fg, bg, pairs: total_loss(out.logits, y, fg, bg, out.protos, pairs, cfg,
+                                                          last_map=out.maps[-1]), 2, scale=scale)
+        grads.append(_grads(model))
+    _assert_same({k: 1024.0 * v for k, v in grads[0].items()}, grads[1])
+
+
 def test_forward_backward_pooled_and_no_pairs(tiny):
     net, x, y = tiny
     cfg = LossConfig()

@@ -211,6 +211,17 @@ def test_real_tiny_grid_end_to_end(tmp_path):
     # rerun: nothing to do
     df2 = ex.run_grid(grid, tmp_path / "results", step=FakeStep())
     assert len(df2) == 1 and df2.iloc[0]["wall_time_s"] == row["wall_time_s"]
+    # the same data under another absolute path, the results folder moved: still nothing to do
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "toy"
+    shutil.copytree(root, copy)
+    shutil.move(str(tmp_path / "results"), tmp_path / "moved")
+    step = FakeStep()
+    df3 = ex.run_grid({**grid, "datasets": [str(copy)]}, tmp_path / "moved", step=step)
+    assert step.calls == [] and df3.iloc[0]["hash"] == row["hash"] and df3.iloc[0]["status"] == "ok"
+    # smoke: stage 1 on the offline ImageNet weights, stage 2 from random initialisation (stage2.pretrained=false)
+    assert df3.iloc[0]["weights"] == "RANDOM WEIGHTS: stage-2 backbone" and df3.iloc[0]["device"] == "cpu"
 
 
 def _parallel_step(spec, run_dir):

@@ -17,7 +17,7 @@ from pbip_core.config import make_config
 from pbip_core.data import list_pairs, list_train
 from pbip_core.engine import stage2
 from pbip_core.engine.runtime import lr_lambda
-from pbip_core.errors import DataError, TrainingError
+from pbip_core.errors import DataError, PBIPError, TrainingError
 from pbip_core.nets import deeplab
 
 N = 4
@@ -143,7 +143,8 @@ def test_train_stage2_end_to_end(ds, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "RESNET18" in printed and "RANDOM INITIALISATION" in printed
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m) == {"val", "test"}
+    assert set(m) == {"val", "test", "run"}
+    assert m["run"]["device"] == "cpu" and m["run"]["dtype"] == "float32" and m["run"]["random_weights"] == ["backbone"]
     for split in ("val", "test"):
         assert {"miou", "fwiou", "biou", "dice", "per_class_iou"} <= set(m[split])
         assert 0.0 <= m[split]["miou"] <= 1.0
@@ -236,3 +237,20 @@ def test_cli_stage2(ds, tmp_path):
     assert rc == 0 and (out / "metrics.json").is_file()
     assert main(["stage2", "--data", str(root), "--masks", str(tmp_path / "nope"), "--out", str(out),
                  "--profile", "smoke"]) == 2
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_stage2_mixed_precision(ds, tmp_path, amp, capsys):
+    """train.amp applies to stage 2 too: autocast of the network's forward, fp16 with a gradient scaler."""
+    root, masks = ds
+    res = stage2.train_stage2(_cfg(**{"train.amp": amp, "stage2.epochs": 1}), root, masks, tmp_path / "r")
+    assert res["run"]["amp"] == amp and "autocast" in capsys.readouterr().out
+    assert all(math.isfinite(h["loss"]) for h in res["history"])
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert bool(ckpt["scaler"]) == (amp == "fp16")
+
+
+def test_stage2_paper_profile_refuses_the_cpu(ds, tmp_path):
+    root, masks = ds
+    with pytest.raises(PBIPError, match="allow_cpu"):
+        stage2.train_stage2(make_config("paper"), root, masks, tmp_path / "r", device="cpu")

@@ -145,6 +145,55 @@ def test_ddp_two_cpu_processes(setup, tmp_path):
     assert metrics["steps"] == 3 and len(hist["epochs"]) == 1
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_odd_number_of_images_gives_every_rank_the_same_batches(tmp_path):
+    """7 images, batch 3, 2 ranks: sharding the permutation as perm[rank::2] gave 4 and 3 images, i.e. 2 and 1
+    batches, and rank 0 waited forever in a gradient all-reduce that rank 1 never called. Equal shards: 2 and 2."""
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path, n_train=7, n_val=2, n_test=2, size=64)
+    bank = tmp_path / "bank.pt"
+    assert cli(["bank", "--data", str(data), "--out", str(bank), "--profile", "smoke", "--k", "1",
+                "--cache", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           "-m", "pbip_core", "train", "--data", str(data), "--bank", str(bank), "--out", str(tmp_path / "ddp"),
+           "--profile", "smoke", "--device", "cpu", "--set", "train.batch_size=3", "--set", "train.dist_timeout_min=3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["run"]["steps_per_rank"] == [2, 2] and metrics["steps"] == 2
+    assert metrics["run"]["world_size"] == 2 and metrics["run"]["device"] == "cpu"
+    assert "stage 1 on cpu (2 processes)" in res.stdout
+
+
+def test_train_records_device_dtype_and_weight_sources(setup, tmp_path, capsys):
+    _, data, bank = setup
+    train(make_config("smoke", {"model.pretrained": False}), data, bank, tmp_path / "r", progress=False)
+    info = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["world_size"] == 1
+    assert set(info["weights"]) == {"backbone", "encoder", "prototypes"}
+    assert "efficientnet_lite0" in info["weights"]["backbone"] and info["random_weights"] == ["backbone"]
+    assert "imagenet-efficientnet-lite0" in info["weights"]["encoder"]
+    out = capsys.readouterr().out
+    assert "=== stage 1 on cpu" in out and "RANDOM WEIGHTS in backbone" in out
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["run"]["weights"] == info["weights"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps_train(setup, tmp_path, amp):
+    """train.amp on the run's device (here the CPU): bf16 autocast, or fp16 with a gradient scaler whose state is
+    saved with the checkpoint."""
+    _, data, bank = setup
+    cfg = make_config("smoke", {"train.amp": amp, "data.max_train": 4, "train.batch_size": 2, "train.val_every": 0})
+    m = train(cfg, data, bank, tmp_path / "r", progress=False)
+    assert m["run"]["dtype"].startswith({"bf16": "bfloat16", "fp16": "float16"}[amp])
+    hist = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert hist["steps"] and all(np.isfinite(s["total"]) for s in hist["steps"])
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert bool(state["scaler"]) == (amp == "fp16")
+
+
 def test_bad_inputs(setup, tmp_path):
     _, data, bank = setup
     assert cli(["train", "--data", str(tmp_path / "nope"), "--bank", str(bank), "--out", str(tmp_path / "o"),

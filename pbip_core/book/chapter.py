@@ -1,7 +1,8 @@
 """What a chapter sees: its parameters cell resolved into paths and a configuration, and small batch helpers.
 
 Chapters call :func:`chapter_setup` right after their parameters cell (``profile``, ``dataset``, ``encoder``,
-``seeds``, ``out_dir``) and :func:`ensure_dataset` to make the built-in dataset when none is given.
+``seeds``, ``out_dir``, ``overrides``, ``device``, ``train``) and :func:`ensure_dataset` to make the built-in dataset
+when none is given.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import make_config
+from ..config import make_config, parse_overrides
 from ..data import SegDataset
-from ..data.manifest import dataset_entry
 from ..data.kather_mosaic import generate_kather_mosaic
+from ..data.manifest import dataset_entry
 from ..data.synth import generate as synth_generate
-from ..errors import DataError
+from ..engine.runtime import device_for, resolve_device
+from ..errors import ConfigError, DataError
 from ..method.pseudo import gt_present
 
 #: The built-in datasets a chapter can make itself: name -> (generator, size per profile). ``kather-mosaic`` (real
@@ -43,6 +45,9 @@ BUILTIN_DATASETS: dict[str, tuple[Callable[..., Path], dict[str, dict[str, int]]
 DEFAULT_DATASET = {"smoke": "kather-mosaic", "demo": "kather-mosaic", "paper": "bcss-wsss"}
 #: Seeds per profile (mean +- std over seeds in the result tables).
 DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "demo": (0,), "paper": (0, 1, 2)}
+#: Profiles whose chapters may train a missing run in the notebook kernel. The paper profile's runs come from a plan
+#: (`pbip book --plan`, `pbip run`); its chapters only read results and say which runs are missing.
+TRAIN_IN_KERNEL: tuple[str, ...] = ("smoke", "demo")
 
 
 @dataclass
@@ -57,6 +62,15 @@ class Chapter:
     out_dir: Path
     builtin: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)   # config overrides applied to every run of the chapter
+    device: str = "cpu"                # where the chapter's own computations run (resolved from ``device``/auto)
+    train: bool = True                 # may the chapter train a missing run in the kernel?
+
+    @property
+    def compute_device(self) -> str:
+        """:attr:`device` for a heavy computation (encoding a whole training set): the paper profile refuses a CPU
+        unless ``train.allow_cpu`` (:func:`~pbip_core.engine.runtime.device_for`)."""
+        return device_for(self.cfg, self.device)
 
     @property
     def synthetic(self) -> bool:
@@ -66,7 +80,8 @@ class Chapter:
     def summary(self) -> str:
         """One line with the resolved parameters (paths relative to the working directory when close by)."""
         return (f"profile={self.profile} dataset={_short(self.dataset)} encoder={self.encoder} "
-                f"seeds={list(self.seeds)} out_dir={_short(self.out_dir)}")
+                f"seeds={list(self.seeds)} out_dir={_short(self.out_dir)} device={self.device}"
+                + (f" overrides={self.overrides}" if self.overrides else ""))
 
 
 def _short(path: Path) -> str:
@@ -76,16 +91,24 @@ def _short(path: Path) -> str:
 
 def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: str | None = None,
                   seeds: Sequence[int] | None = None, out_dir: str | None = None,
-                  overrides: Sequence[str] | dict[str, Any] | None = None) -> Chapter:
+                  overrides: Sequence[str] | dict[str, Any] | None = None, device: str | None = None,
+                  train: bool | None = None) -> Chapter:
     """Resolve a chapter's parameters cell.
 
     ``None`` means "the profile's default": ``out_dir`` -> ``results/book/<profile>`` in the repository
     (:func:`repo_root`); ``dataset`` -> :data:`DEFAULT_DATASET` (``kather-mosaic``, made
     in ``<out_dir>/kather-mosaic`` by :func:`ensure_dataset`, for smoke and demo; the manifest's BCSS-WSSS folder for
     paper). A built-in name (``kather-mosaic``, ``synth``) selects that dataset, anything else is a folder.
-    ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`.
+    ``encoder`` -> the profile's ``bank.encoder``; ``seeds`` -> :data:`DEFAULT_SEEDS`. ``overrides`` (``key=value``
+    strings or a mapping) apply to the chapter's config and to every run it reads. ``device`` -> ``train.device``
+    (auto: the GPU when there is one). ``train`` -> whether a missing run may be trained in the kernel: None = yes for
+    :data:`TRAIN_IN_KERNEL` (smoke, demo); the paper profile never trains in a kernel.
     """
-    cfg = make_config(profile, overrides=overrides)
+    ov = parse_overrides(overrides or {})
+    cfg = make_config(profile, overrides=ov)
+    if train and profile not in TRAIN_IN_KERNEL:
+        raise ConfigError(f"train=True: profile {profile} does not train in a notebook kernel; make its runs with "
+                          f"`pbip book --plan --profile {profile}` and `pbip run` (docs/paper-scale.md)")
     out = Path(out_dir) if out_dir else repo_root() / "results" / "book" / profile
     out = out.resolve()
     name = DEFAULT_DATASET[profile] if dataset is None else str(dataset)
@@ -102,7 +125,9 @@ def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: st
     out.mkdir(parents=True, exist_ok=True)
     return Chapter(profile=profile, cfg=cfg, dataset=dataset_path, encoder=cfg.bank.encoder,
                    seeds=tuple(int(s) for s in (seeds if seeds is not None else DEFAULT_SEEDS[profile])),
-                   out_dir=out, builtin=builtin)
+                   out_dir=out, builtin=builtin, overrides={k: v for k, v in ov.items() if k != "method"},
+                   device=resolve_device(device or cfg.train.device),
+                   train=(profile in TRAIN_IN_KERNEL) if train is None else bool(train))
 
 
 def _manifest_dir(name: str) -> Path:
@@ -129,13 +154,13 @@ def repo_root() -> Path:
     Inside the build copy ``_build/src`` that ``pbip book`` executes the chapters in, its ``.pbip-book-root`` file
     points back to the repository, so ``data/`` and ``results/`` are the repository's.
     """
-    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent.parent):
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
         if (base / "_config.yml").is_file() and (base / "_toc.yml").is_file():
             pointer = base / ROOT_POINTER
             if pointer.is_file():
                 return (base / pointer.read_text().strip()).resolve()
             return base
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------------- batches

@@ -1,10 +1,14 @@
-"""The runs behind the chapters: run (or reuse) a book grid, find its run folders, read their histories and masks.
+"""The runs behind the chapters: read (or, where the profile allows, train) a book grid's runs, find their run
+folders, read their histories and masks.
 
 A chapter's experiments are a grid of :mod:`pbip_core.experiments.grid` in ``grids/book/`` (the same dialect as every
-grid: ``extends`` and per-profile ``profiles`` blocks), resolved for the chapter's profile, dataset and encoder.
-:func:`run_book_grid` writes the resolved grid to ``<out_dir>/grids/<name>.yaml`` (rerun it with
-``pbip run <that file> --results <out_dir>/experiments``) and runs what is not done yet. Runs are cached by content
-hash under ``<out_dir>/experiments/runs/<hash>``, so two chapters asking for the same runs train them once.
+grid: ``extends`` and per-profile ``profiles`` blocks), resolved for the chapter's profile, dataset and encoder; which
+chapter reads which grid is :data:`pbip_core.book.plan.CHAPTER_GRIDS`, the table ``pbip book --plan`` plans from.
+:func:`run_book_grid` writes the resolved grid to ``<out_dir>/grids/<name>.yaml`` and returns its rows from
+``<out_dir>/experiments``. Runs that are missing are trained in the kernel, one after another, only when the chapter
+may (``ch.train``: smoke and demo); otherwise (the paper profile) it raises :class:`~pbip_core.errors.MissingRunsError`
+naming the runs and the ``pbip book --plan`` / ``pbip run`` commands that make them. Runs are cached by content hash
+under ``<out_dir>/experiments/runs/<hash>``, so two chapters asking for the same runs train them once.
 """
 
 from __future__ import annotations
@@ -19,20 +23,15 @@ import torch
 
 from ..data import list_pairs, load_info, resize_image, to_tensor
 from ..engine.checkpoint import load_classnet
-from ..errors import DataError, PBIPError
-from ..experiments.grid import Grid, load_grid, plan, write_grid
-from ..experiments.runner import run_grid
+from ..errors import ConfigError, DataError, MissingRunsError, PBIPError
+from ..experiments.grid import Grid, plan, write_grid
+from ..experiments.runner import collect, done_runs, run_grid
 from ..io import read_mask, read_rgb
 from ..method.model import match_masks
+from .plan import BOOK_GRIDS, SHARED_RUN_GRID, book_grid, missing_message, shared_run_grid
 
-#: The book grid whose baseline is the shared stage-1 run of chapters 02-05 and the ablations' unchanged row.
-SHARED_RUN_GRID = "book-ablation"
-
-
-def book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, variants: Sequence[str] | None = None) -> Grid:
-    """Book grid ``name`` resolved for chapter ``ch`` (a :class:`~pbip_core.book.chapter.Chapter`): its profile,
-    dataset and encoder; ``seeds`` replaces the profile's seeds, ``variants`` keeps only those."""
-    return load_grid(name, ch.profile, ch.dataset, ch.encoder, seeds, variants)
+__all__ = ["SHARED_RUN_GRID", "book_grid", "shared_run_grid", "results_dir", "run_book_grid", "ensure_runs",
+           "run_dir", "stage1_run"]
 
 
 def results_dir(ch: Any) -> Path:
@@ -40,25 +39,39 @@ def results_dir(ch: Any) -> Path:
     return Path(ch.out_dir) / "experiments"
 
 
+def ensure_runs(grid: Grid, ch: Any) -> pd.DataFrame:
+    """The rows of ``grid``'s runs in the chapter's results folder. Missing runs are trained now (one after another,
+    in this process) when ``ch.train``; otherwise :class:`MissingRunsError` says which and how to make them."""
+    out = results_dir(ch)
+    if getattr(ch, "train", True):
+        return run_grid(grid, out, jobs=1, wait=True)     # a run another process holds: wait for it
+    specs = plan(grid, quiet=True)
+    done = done_runs(specs, out)
+    missing = [s for s in specs if s.hash not in done]
+    if missing:
+        raise MissingRunsError(missing_message(ch, grid, missing, out))
+    return collect(grid, specs, out)
+
+
 def run_book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, variants: Sequence[str] | None = None,
                   allow_failed: bool = False) -> pd.DataFrame:
-    """Run (or load from the cache) book grid ``name`` for chapter ``ch``; return its rows of the results table.
+    """Book grid ``name`` for chapter ``ch``: its rows of the results table (:func:`ensure_runs`).
 
-    Runs one at a time (``jobs=1``). A failed run raises :class:`PBIPError` with its reason unless ``allow_failed``.
-    The returned frame carries the grid in ``df.attrs["grid"]``.
+    A failed run raises :class:`PBIPError` with its reason unless ``allow_failed``. The returned frame carries the
+    grid in ``df.attrs["grid"]``.
     """
+    if name not in BOOK_GRIDS:
+        raise ConfigError(f"book grid {name!r} is not in pbip_core.book.plan.CHAPTER_GRIDS (the table the book's plan "
+                          f"is made from): add it there; known: {', '.join(sorted(BOOK_GRIDS))}")
     grid = book_grid(name, ch, seeds, variants)
     out = results_dir(ch)
     write_grid(grid, Path(ch.out_dir) / "grids" / f"{grid.name}.yaml")
-    df = run_grid(grid, out, jobs=1, wait=True)            # a run another process holds: wait for it
+    df = ensure_runs(grid, ch)
     bad = df[df["status"] != "ok"] if len(df) else df
     if len(bad) and not allow_failed:
         first = bad.iloc[0]
         raise PBIPError(f"grid {grid.name}: {len(bad)} run(s) failed, e.g. {first['method']}/{first['variant']} "
                         f"seed {first['seed']}: {first['error']} (run folder {out / 'runs' / str(first['hash'])})")
-    if len(df):  # the aliases of the current plan (the table keeps those of the grid that first ran the run)
-        aliases = {s.hash: " ".join(s.aliases) for s in plan(grid, quiet=True)}
-        df["aliases"] = [aliases.get(str(h), "") for h in df["hash"]]
     df.attrs["grid"] = grid
     return df
 
@@ -68,18 +81,11 @@ def run_dir(df_row: Mapping[str, Any], ch: Any) -> Path:
     return results_dir(ch) / "runs" / str(df_row["hash"])
 
 
-def shared_run_grid(ch: Any, seed: int | None = None) -> Grid:
-    """The one-run grid of the book's shared stage-1 run: the unchanged variant (no overrides) of
-    ``grids/book/book-ablation.yaml`` for the chapter's profile and one seed (default: its first)."""
-    grid = book_grid(SHARED_RUN_GRID, ch, seeds=[int(ch.seeds[0] if seed is None else seed)])
-    grid.variants = {k: v for k, v in grid.variants.items() if not v}
-    return grid
-
-
 def stage1_run(ch: Any, seed: int | None = None) -> Path:
     """The stage-1 run folder (``.../runs/<hash>/stage1``) of the book's shared run (:func:`shared_run_grid`),
-    trained now if not cached: chapters 02-05 and the ablations of chapters 07 and 09 use this one run."""
-    df = run_grid(shared_run_grid(ch, seed), results_dir(ch), jobs=1, wait=True)
+    trained now if missing and the chapter may train: chapters 03-05 use this one run (and it is the ablations'
+    baseline in chapters 07 and 09)."""
+    df = ensure_runs(shared_run_grid(ch, seed), ch)
     row = df.iloc[0]
     if row["status"] != "ok":
         raise DataError(f"{run_dir(row, ch)}: the stage-1 run failed: {row.get('error', '')}")

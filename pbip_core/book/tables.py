@@ -169,7 +169,11 @@ def table3_plan(ch: Any) -> tuple[list[str], pd.DataFrame]:
     runnable = [v for v in selected if status[v] == "available"]
     rows = [{"row": label_of(v), "variant": v, "status": st} for v, st in status.items()]
     have = {r["row"] for r in rows}
-    for r in pd.unique(paper_table(3, paper_dataset(ch))["row"]):
+    try:
+        paper_rows = pd.unique(paper_table(3, paper_dataset(ch))["row"])
+    except KeyError:                       # the paper's Table 3 covers BCSS-WSSS only
+        paper_rows = []
+    for r in paper_rows:
         if r not in have:
             rows.append({"row": r, "variant": "", "status": "not implemented in this book (no such backbone)"})
     return runnable, pd.DataFrame(rows).set_index("row")

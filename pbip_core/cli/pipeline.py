@@ -14,7 +14,7 @@ from ..engine.bank import build_bank, save_bank
 from ..engine.checkpoint import convert_legacy
 from ..engine.metrics import evaluate_dir, format_table
 from ..engine.pseudo import write_pseudo_masks
-from ..engine.runtime import resolve_device
+from ..engine.runtime import device_for
 from ..engine.stage1 import train
 from ..engine.stage2 import train_stage2
 from ..errors import DataError
@@ -50,10 +50,12 @@ def bank_main(args: argparse.Namespace) -> int:
     if not Path(args.data).is_dir():
         raise DataError(f"{args.data}: dataset folder not found")
     check_output_file(args.out, "--out", example="bank.pt")      # before the bank is computed
-    bank = build_bank(args.data, cfg.bank, cache_dir=args.cache, device=resolve_device(device_of(args, cfg)))
+    device = device_for(cfg, device_of(args, cfg))
+    bank = build_bank(args.data, cfg.bank, cache_dir=args.cache, device=device)
     save_bank(bank, args.out)
     st = bank.info["stats"]
     print(f"bank: {bank.n_classes} classes x K={bank.k} prototypes of d={bank.dim} ({bank.encoder}) -> {args.out}")
+    print(f"  encoder weights: {bank.info.get('encoder_source') or 'unknown'}; device {device}")
     for n, c in enumerate(bank.classes):
         sizes = [len(m) for m in bank.members[n]]
         print(f"  {c:>6}: {st['single_class'][n]} single-class, {st['dropped_white'][n]} dropped as white, "

@@ -40,7 +40,8 @@ def encode_images(
     progress: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Encode image files with ``encoder`` -> features (M, d) and white fractions (M,), cached by encoder + data hash."""
-    key = _data_hash(paths, f"{getattr(encoder, 'name', type(encoder).__name__)}@{getattr(encoder, 'input_size', '')}")
+    key = _data_hash(paths, f"{getattr(encoder, 'name', type(encoder).__name__)}@{getattr(encoder, 'input_size', '')}"
+                            f"@{getattr(encoder, 'pretrained_source', '')}")   # random and pretrained weights differ
     cache = Path(cache_dir) / f"bank-features-{key}.pt" if cache_dir else None
     if cache is not None and cache.is_file():
         obj = torch.load(cache, map_location="cpu", weights_only=True)
@@ -121,7 +122,8 @@ def single_class_pool(data_root: str | Path, bank_cfg: Any, cache_dir: str | Pat
     order = np.argsort(idx, kind="stable")                                  # file order
     idx, label = idx[order], label[order]
     if encoder is None:
-        encoder = get_encoder(bank_cfg.encoder, device=device, input_size=bank_cfg.encoder_size or None)
+        encoder = get_encoder(bank_cfg.encoder, device=device, input_size=bank_cfg.encoder_size or None,
+                              random_init=getattr(bank_cfg, "random_init", False))
     paths = [items[i][0] for i in idx]
     feats, white = encode_images(paths, encoder, bank_cfg.batch_size, cache_dir, device, progress)   # step 3
     white_filter = bank_cfg.selection != "centroid"                         # the official code has no white filter

@@ -16,7 +16,11 @@ from ..method.model import PBIP, ClassNet, ImgMatchNet
 from ..nets.backbones import get_backbone
 from ..nets.encoders import ImageEncoder, get_encoder
 from .bank import load_bank
+from .runtime import amp_dtype_name
 from .step import encode_chunked
+
+#: Words that mark a weight source as not pretrained (encoders: RANDOM_SOURCE, backbones: RANDOM_INIT).
+_RANDOM_MARKERS = ("random", "RANDOM")
 
 
 def build_classnet(model_cfg: Any, prototypes: torch.Tensor, backbone: nn.Module | None = None,
@@ -64,8 +68,41 @@ def prepare(cfg: Any, data_root: str | Path, bank_path: str | Path, device: str
     encoder = None
     if cfg.loss.fgs or cfg.loss.bgs:
         enc_name = bank.encoder if bank.encoder not in ("unknown", "official-pickle") else cfg.bank.encoder
-        encoder = get_encoder(enc_name, device=device, input_size=cfg.bank.encoder_size or None)
+        encoder = get_encoder(enc_name, device=device, input_size=cfg.bank.encoder_size or None,
+                              random_init=cfg.bank.random_init)
         if getattr(encoder, "dim", bank.dim) != bank.dim:
             raise PBIPError(f"encoder {enc_name!r} gives d={encoder.dim} features but the bank holds d={bank.dim}")
     model = build_model(cfg, bank.features, encoder).to(device)
     return model, bank, info
+
+
+def weight_sources(model: PBIP, bank: PrototypeBank) -> dict[str, str]:
+    """Where every weight of a stage-1 model came from: ``{"backbone": ..., "encoder": ..., "prototypes": ...}``
+    (the encoder only when a FG/BG loss uses it; the prototypes: the encoder that built the bank)."""
+    bb = model.classnet.backbone
+    out = {"backbone": f"{getattr(bb, 'name', type(bb).__name__)}: {getattr(bb, 'pretrained_source', 'unknown')}"}
+    if model.matcher is not None:
+        enc = model.matcher.encoder
+        out["encoder"] = f"{getattr(enc, 'name', type(enc).__name__)}: {getattr(enc, 'pretrained_source', 'unknown')}"
+    src = bank.info.get("encoder_source") or bank.info.get("note") or "unknown source"
+    out["prototypes"] = f"bank of {bank.encoder}: {src}"
+    return out
+
+
+def random_parts(sources: dict[str, str]) -> list[str]:
+    """The parts of :func:`weight_sources` whose weights are random (not pretrained)."""
+    return [k for k, v in sources.items() if any(m in v for m in _RANDOM_MARKERS)]
+
+
+def run_description(model: PBIP, bank: PrototypeBank, cfg: Any, device: str, world: int = 1) -> dict[str, Any]:
+    """What ``pbip train`` prints and records in ``run_info.json``: device, processes, dtype, the source of every
+    weight, the parts with RANDOM WEIGHTS, and a one-paragraph ``summary``."""
+    sources = weight_sources(model, bank)
+    rand = random_parts(sources)
+    dtype = amp_dtype_name(cfg.train.amp)
+    summary = (f"=== stage 1 on {device} ({world} process{'es' if world > 1 else ''}), {dtype}; weights: "
+               + "; ".join(f"{k} = {v}" for k, v in sources.items())
+               + (f" -- RANDOM WEIGHTS in {', '.join(rand)}: numbers are not comparable to the paper's ===" if rand
+                  else " ==="))
+    return {"device": device, "world_size": world, "dtype": dtype, "amp": cfg.train.amp, "weights": sources,
+            "random_weights": rand, "summary": summary}

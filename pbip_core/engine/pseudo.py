@@ -27,7 +27,7 @@ from ..method.model import ClassNet
 from ..method.pseudo import fused_cam, gt_present, predicted_present, pseudo_mask
 from .checkpoint import load_classnet
 from .metrics import SegMetrics
-from .runtime import resolve_device
+from .runtime import device_for
 
 
 def iter_pseudo_masks(
@@ -103,13 +103,15 @@ def write_pseudo_masks(run_dir: str | Path, data_root: str | Path, split: str, o
     The output folder, the split's files (image modes, every mask of val/test) and the checkpoint are checked before
     the first mask is written. ``labels`` None = the run configuration's ``pseudo.labels``; ``checkpoint`` None =
     ``best.pt``, or ``last.pt`` on val/test when the run configuration's ``pseudo.test_checkpoint`` is ``last`` (the
-    official code)."""
+    official code). ``device``: ``auto`` = the GPU when there is one (the paper profile refuses a CPU, as training
+    does)."""
     if checkpoint is None:
         checkpoint = default_checkpoint(run_dir, split)
-    device = resolve_device(device)
     out = check_output_dir(out_dir)
     info = preflight_dataset(data_root, splits=() if split == "train" else (split,), train=split == "train")
-    classnet, cfg = load_classnet(run_dir, checkpoint, device)
+    classnet, cfg = load_classnet(run_dir, checkpoint, "cpu")
+    device = device_for(cfg, device)
+    classnet = classnet.to(device)
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for name, pred, _ in iter_pseudo_masks(classnet, data_root, split, cfg, labels, device, progress=progress):

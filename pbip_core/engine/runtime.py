@@ -1,7 +1,9 @@
-"""What both training stages share: seeding and RNG state, the device, torchrun/DDP set-up, the LR schedule."""
+"""What both training stages share: seeding and RNG state, the device, torchrun/DDP set-up and equal shards,
+mixed precision, the LR schedule."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -61,7 +63,19 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def init_distributed(device: str, timeout_minutes: float = 180.0) -> tuple[int, int, str]:
+def device_for(cfg: Any, device: str | None = None) -> str:
+    """The device a computation of ``cfg`` runs on: ``device`` (or ``train.device``) resolved by
+    :func:`resolve_device`. The paper profile refuses a CPU unless ``train.allow_cpu`` is true: its runs take
+    GPU-days, and a missing CUDA would otherwise silently make them CPU runs."""
+    dev = resolve_device(device or cfg.train.device)
+    if cfg.profile == "paper" and dev == "cpu" and not cfg.train.allow_cpu:
+        why = "CUDA is not available here" if not torch.cuda.is_available() else "device cpu was asked for"
+        raise PBIPError(f"profile paper: {why}; the paper's runs are meant for a GPU. Run on a GPU, or pass "
+                        "--set train.allow_cpu=true to run the paper profile on the CPU anyway (tests, tiny data)")
+    return dev
+
+
+def init_distributed(device: str, timeout_minutes: float = 60.0) -> tuple[int, int, str]:
     """Under torchrun (``WORLD_SIZE > 1``): join the process group (nccl on GPU, gloo on CPU, with a timeout) and pin
     this rank's GPU. Returns ``(rank, world size, device)``; ``(0, 1, device)`` in a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,6 +89,43 @@ def init_distributed(device: str, timeout_minutes: float = 180.0) -> tuple[int, 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def equal_shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of an epoch's sample ``order`` (M,), the same length on every rank: the order is padded by
+    repeating its start to a multiple of ``world`` (as ``DistributedSampler(drop_last=False)`` does), then dealt out
+    round-robin. Equal lengths give every rank the same number of batches, so no rank waits for a collective the
+    others never call. ``world == 1`` returns ``order`` unchanged."""
+    if world <= 1:
+        return order
+    pad = (-len(order)) % world
+    if pad:
+        order = torch.cat([order, order.repeat(pad // max(1, len(order)) + 1)[:pad]])
+    return order[rank::world]
+
+
+# ---------------------------------------------------------------------- mixed precision
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: str) -> Any:
+    """The autocast region of ``train.amp`` (``bf16`` | ``fp16`` | ``off``) on ``device``'s type."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise PBIPError(f"train.amp={amp!r}: choose bf16, fp16 or off")
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+def grad_scaler(amp: str, device: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for ``fp16`` only (bf16 has fp32's range; off needs none). Disabled, its
+    ``scale(loss)`` is the loss, ``step(opt)`` is ``opt.step()`` and ``update()`` does nothing."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
+
+
+def amp_dtype_name(amp: str) -> str:
+    """What a run computes in, for logs: ``float32`` or ``bfloat16 autocast (float32 weights)``."""
+    return "float32" if amp == "off" else f"{str(AMP_DTYPES[amp]).removeprefix('torch.')} autocast (float32 weights)"
 
 
 # ---------------------------------------------------------------------- learning rate

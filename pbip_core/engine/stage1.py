@@ -6,13 +6,15 @@ atomically after every epoch), ``best.pt`` (the model with the best validation p
 the same numbers as an uninterrupted run on CPU: data order and augmentation are drawn from generators seeded by
 ``(train.seed, epoch)``.
 
-Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU);
-each rank sees its shard of every epoch's permutation and rank 0 validates and writes.
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU,
+with the ``train.dist_timeout_min`` timeout); each rank sees an equal-length shard of every epoch's permutation
+(:func:`~pbip_core.engine.runtime.equal_shard`: the same number of batches on every rank) and rank 0 validates and
+writes. ``train.amp`` (bf16 | fp16 | off) sets the autocast dtype; fp16 adds a gradient scaler. ``run_info.json`` and
+the first lines printed say where the run ran (device, world size, dtype) and where every weight came from.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,11 +33,12 @@ from ..io import atomic_write_json, check_output_dir
 from ..method.losses import TERM_NAMES
 from ..method.model import PBIP, positive_pairs
 from .bank import load_bank
-from .build import check_bank, prepare
+from .build import check_bank, prepare, run_description
 from .checkpoint import load_checkpoint, save_checkpoint
 from .claims import claim_run, empty_run_folder, refuse_partial_run
 from .pseudo import evaluate_pseudo
-from .runtime import init_distributed, lr_lambda, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import (autocast, device_for, equal_shard, grad_scaler, init_distributed, lr_lambda, rng_state,
+                      seed_everything, set_rng_state)
 from .step import loss_and_backward
 
 
@@ -84,10 +87,10 @@ def preflight(cfg: Config, data_root: str | Path, bank_path: str | Path, out: Pa
 
 
 def _epoch_loader(ds: TrainDataset, cfg: Config, epoch: int, rank: int, world: int, device: str):
-    """This rank's shard of epoch ``epoch``'s permutation (seeded by ``(train.seed, epoch)``)."""
+    """This rank's equal-length shard of epoch ``epoch``'s permutation (seeded by ``(train.seed, epoch)``)."""
     ds.set_epoch(epoch)
     gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-    perm = torch.randperm(len(ds), generator=gen)[rank::world]
+    perm = equal_shard(torch.randperm(len(ds), generator=gen), rank, world)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=perm.tolist(),
                                        num_workers=cfg.data.num_workers, pin_memory="cuda" in device)
 
@@ -113,11 +116,11 @@ def _flush(pending: list, history: dict, epoch: int, cfg: Config, last: Path, ba
 
 
 def _train_epoch(model: PBIP, ddp_model: Any, loader: Any, opt: Any, sched: Any, cfg: Config, prog: Progress,
-                 epoch: int, device: str, last: Path, show: bool) -> None:
-    """One epoch of optimizer steps; loss terms go to ``prog.history`` (checked for NaN before each update)."""
+                 epoch: int, device: str, last: Path, show: bool, scaler: Any = None) -> None:
+    """One epoch of optimizer steps; loss terms go to ``prog.history`` (checked for NaN before each update).
+    ``scaler``: the fp16 gradient scaler (:func:`~pbip_core.engine.runtime.grad_scaler`; None = none)."""
     on_gpu = "cuda" in device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.train.amp and on_gpu)
-                else contextlib.nullcontext())
+    scaler = scaler or grad_scaler("off", device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show, unit="batch")
     pending: list[tuple[int, float, torch.Tensor]] = []           # (step, lr, detached loss terms) not yet logged
     for batch in bar:
@@ -130,15 +133,16 @@ def _train_epoch(model: PBIP, ddp_model: Any, loader: Any, opt: Any, sched: Any,
         if cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast(cfg.train.amp, device):
             terms = loss_and_backward(model, x, y, pairs, cfg.loss, cfg.train.encoder_chunk,
-                                      ddp_model if ddp_model is not model else None)
+                                      ddp_model if ddp_model is not model else None, scale=scaler.scale)
         prog.step += 1
         pending.append((prog.step, sched.get_last_lr()[0], terms.stacked()))
         # CPU: check every step (free). GPU: every log_every steps, so the step has no host-device sync.
         if not on_gpu or len(pending) >= cfg.train.log_every:
             _flush(pending, prog.history, epoch, cfg, last, bar if show else None)
-        opt.step()
+        scaler.step(opt)                                            # = opt.step() unless fp16
+        scaler.update()
         sched.step()
     _flush(pending, prog.history, epoch, cfg, last, None)
     bar.close()
@@ -173,7 +177,7 @@ def train(
     ``resume`` (continue from its ``last.pt``) or ``overwrite`` (empty it first). ``stop_after_epoch`` ends the run
     after that many epochs as if interrupted (tests of ``resume``).
     """
-    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    rank, world, device = init_distributed(device_for(cfg, device), cfg.train.dist_timeout_min)
     preflight(cfg, data_root, bank_path, Path(out_dir), resume, overwrite)
     with claim_run(out_dir, "stage-1 run", enabled=rank == 0):
         if overwrite and rank == 0:
@@ -187,7 +191,7 @@ def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: s
            device: str | None, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
     """The stage-1 loop of :func:`train`, in a claimed and checked run folder."""
     out = Path(out_dir)
-    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    rank, world, device = init_distributed(device_for(cfg, device), cfg.train.dist_timeout_min)
     if not Path(data_root).is_dir():
         raise DataError(f"{data_root}: dataset folder not found")
     cfg.data.root = str(data_root)
@@ -195,10 +199,13 @@ def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: s
     state = _resume_state(cfg, out, resume)
 
     seed_everything(cfg.train.seed)
-    model, _, info = prepare(cfg, data_root, bank_path, device)
+    model, bank, info = prepare(cfg, data_root, bank_path, device)
+    run_info = run_description(model, bank, cfg, device, world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
+        atomic_write_json(out / "run_info.json", run_info)
+        print(run_info["summary"], flush=True)
     ds = TrainDataset(data_root, image_size=cfg.data.image_size, augment=cfg.data.augment,
                       max_items=cfg.data.max_train, info=info, seed=cfg.train.seed)
     total_steps = math.ceil(len(ds) / (cfg.train.batch_size * world)) * cfg.train.epochs
@@ -206,6 +213,7 @@ def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.schedule, total_steps, cfg.train.warmup_steps))
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1
                  else model)
+    scaler = grad_scaler(cfg.train.amp, device)
 
     prog = Progress()
     if state is not None:
@@ -214,12 +222,15 @@ def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: s
         sched.load_state_dict(state["scheduler"])
         prog = Progress(state["epoch"], state["step"], state["history"], state["best"])
         set_rng_state(state["rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
     for epoch in range(prog.epoch, cfg.train.epochs):
         t0 = time.time()
         ddp_model.train()
         loader = _epoch_loader(ds, cfg, epoch, rank, world, device)
-        _train_epoch(model, ddp_model, loader, opt, sched, cfg, prog, epoch, device, last, progress and rank == 0)
+        _train_epoch(model, ddp_model, loader, opt, sched, cfg, prog, epoch, device, last, progress and rank == 0,
+                     scaler)
         ep = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 2)}
         if rank == 0 and cfg.train.val_every and (epoch + 1) % cfg.train.val_every == 0 \
                 and (Path(data_root) / "val").is_dir():
@@ -229,21 +240,27 @@ def _train(cfg: Config, data_root: str | Path, bank_path: str | Path, out_dir: s
             save_checkpoint({
                 "classnet": model.classnet.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": prog.step, "history": prog.history,
-                "best": prog.best, "rng": rng_state(), "config_hash": cfg.stage1_hash(),
+                "best": prog.best, "rng": rng_state(), "config_hash": cfg.stage1_hash(), "scaler": scaler.state_dict(),
             }, last)
             atomic_write_json(out / "history.json", prog.history)
         if world > 1:
             dist.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.train.epochs:
             return {"interrupted_after_epoch": epoch + 1}
-    return _finish(model, cfg, prog, out, rank)
+    if world > 1:                           # recorded: every rank took the same number of steps (equal shards)
+        steps: list[Any] = [None] * world
+        dist.all_gather_object(steps, prog.step)
+        run_info["steps_per_rank"] = steps
+    return _finish(model, cfg, prog, out, rank, run_info)
 
 
-def _finish(model: PBIP, cfg: Config, prog: Progress, out: Path, rank: int) -> dict[str, Any]:
+def _finish(model: PBIP, cfg: Config, prog: Progress, out: Path, rank: int,
+            run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """``metrics.json`` of a finished run (and ``best.pt`` = the last model when nothing was validated)."""
     metrics = {"best_epoch": prog.best["epoch"], "best_val_miou": prog.best["miou"], "val": prog.best.get("val"),
                "epochs": cfg.train.epochs, "steps": prog.step, "config_hash": cfg.stage1_hash(), "method": cfg.method,
-               "seconds": sum(e["seconds"] for e in prog.history["epochs"])}
+               "seconds": sum(e["seconds"] for e in prog.history["epochs"]),
+               "run": {k: v for k, v in (run_info or {}).items() if k != "summary"}}
     if rank == 0:
         if prog.best["epoch"] < 0:                   # no validation: the last model is the one to use
             save_checkpoint({"classnet": model.classnet.state_dict(), "epoch": cfg.train.epochs}, out / "best.pt")

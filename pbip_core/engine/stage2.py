@@ -44,7 +44,8 @@ from ..nets.deeplab import ASPP_RATES, DeepLabV2
 from .checkpoint import load_checkpoint, save_checkpoint
 from .claims import claim_run, empty_run_folder, refuse_partial_run
 from .metrics import SegMetrics
-from .runtime import init_distributed, lr_lambda, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import (amp_dtype_name, autocast, device_for, grad_scaler, init_distributed, lr_lambda, rng_state,
+                      seed_everything, set_rng_state)
 
 IGNORE_INDEX = 255                                # pseudo-mask pixels that carry no tissue label
 MS_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25)  # multi-scale inference
@@ -140,14 +141,19 @@ def _loader(ds: PseudoMaskDataset, cfg: Config, epoch: int, sampler: Any) -> tor
 
 
 def _train_epoch(net: nn.Module, loader: Any, optimizer: Any, scheduler: Any, epoch: int, cfg: Config,
-                 background_index: int, device: Any, masks_dir: Path, last: Path, show: bool) -> list[float]:
-    """One epoch of SGD steps on the pseudo masks; returns the per-step losses."""
+                 background_index: int, device: Any, masks_dir: Path, last: Path, show: bool,
+                 scaler: Any = None) -> list[float]:
+    """One epoch of SGD steps on the pseudo masks (under ``train.amp``'s autocast; ``scaler``: fp16's gradient
+    scaler); returns the per-step losses."""
+    scaler = scaler or grad_scaler("off", str(device))
     net.train()
     losses = []
     bar = tqdm(loader, desc=f"stage2 epoch {epoch + 1}/{cfg.stage2.epochs}", leave=False, disable=not show)
     for step, batch in enumerate(bar):
         x, y = batch["image"].to(device), batch["mask"].to(device)
-        loss = stage2_loss(net(x), y, background_index)
+        with autocast(cfg.train.amp, str(device)):
+            logits = net(x)
+        loss = stage2_loss(logits.float(), y, background_index)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"stage 2: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; try a lower learning "
@@ -155,8 +161,9 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: Any, scheduler: Any, ep
                 f"{last} with --resume"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)                            # = optimizer.step() unless fp16
+        scaler.update()
         scheduler.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -202,7 +209,7 @@ def train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out_
     fails); then ``out_dir`` is claimed for this process (a second one refuses); a folder that holds a run needs
     ``resume`` or ``overwrite`` (empty it first).
     """
-    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    rank, world, device = init_distributed(device_for(cfg, device), cfg.train.dist_timeout_min)
     preflight(cfg, data_root, masks_dir, Path(out_dir), resume, overwrite)
     with claim_run(out_dir, "stage-2 run", enabled=rank == 0):
         if overwrite and rank == 0:
@@ -216,7 +223,7 @@ def _train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out
                   resume: bool, device: str | None) -> dict[str, Any]:
     """The stage-2 loop of :func:`train_stage2`, in a claimed and checked run folder."""
     out_dir = Path(out_dir)
-    rank, world, device = init_distributed(resolve_device(device or cfg.train.device))
+    rank, world, device = init_distributed(device_for(cfg, device), cfg.train.dist_timeout_min)
     is_main = rank == 0
     s2 = cfg.stage2
     info = load_info(data_root)
@@ -232,17 +239,25 @@ def _train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out
     if is_main:
         print(announce_backbone(cfg), flush=True)
         print(f"stage 2: {len(train_ds)} training images with pseudo masks from {masks_dir}; "
-              f"background_index={info.background_index} is ignored in the loss; device={device}", flush=True)
+              f"background_index={info.background_index} is ignored in the loss; device={device} ({world} "
+              f"process{'es' if world > 1 else ''}), {amp_dtype_name(cfg.train.amp)}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
 
     model = DeepLabV2(info.n_classes, s2.backbone, pretrained=s2.pretrained, output_stride=s2.output_stride).to(device)
+    source = getattr(model.backbone, "pretrained_source", "unknown")
+    run_info = {"device": str(device), "world_size": world, "dtype": amp_dtype_name(cfg.train.amp),
+                "amp": cfg.train.amp, "weights": {"backbone": f"{s2.backbone}: {source}"},
+                "random_weights": [] if s2.pretrained else ["backbone"]}
+    if is_main:
+        print(f"stage 2: backbone weights: {source}", flush=True)
     optimizer = torch.optim.SGD(model.param_groups(s2.lr, s2.weight_decay), lr=s2.lr, momentum=s2.momentum)
     sampler = (torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                                seed=s2.seed, drop_last=False) if world > 1 else None)
     steps_per_epoch = math.ceil((len(sampler) if sampler is not None else len(train_ds)) / s2.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("poly", steps_per_epoch * s2.epochs,
                                                                        power=s2.power))
+    scaler = grad_scaler(cfg.train.amp, device)
 
     start_epoch, history = 0, []
     if ckpt is not None:
@@ -250,6 +265,8 @@ def _train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
         if is_main:
             print(f"stage 2: resuming from {last} after epoch {start_epoch}/{s2.epochs}", flush=True)
@@ -264,21 +281,22 @@ def _train_stage2(cfg: Config, data_root: str | Path, masks_dir: str | Path, out
     for epoch in range(start_epoch, s2.epochs):
         t0 = time.time()
         losses = _train_epoch(net, _loader(train_ds, cfg, epoch, sampler), optimizer, scheduler, epoch, cfg,
-                              info.background_index, device, Path(masks_dir), last, is_main)
+                              info.background_index, device, Path(masks_dir), last, is_main, scaler)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)})
         if is_main:
             print(f"stage 2: epoch {epoch + 1}/{s2.epochs} loss {history[-1]['loss']:.4f}", flush=True)
             save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
+                             "scaler": scaler.state_dict(),
                              "config": cfg.flat(), "backbone": s2.backbone, "pretrained": s2.pretrained}, last)
             atomic_write_json(out_dir / "history.json", history)
 
-    result: dict[str, Any] = {"history": history, "out_dir": str(out_dir)}
+    result: dict[str, Any] = {"history": history, "out_dir": str(out_dir), "run": run_info}
     if is_main:
         res_val = evaluate_split(model, data_root, "val", cfg, device)
         res_test = evaluate_split(model, data_root, "test", cfg, device, pred_dir=out_dir / "pred_test")
-        atomic_write_json(out_dir / "metrics.json", {"val": res_val, "test": res_test})
+        atomic_write_json(out_dir / "metrics.json", {"val": res_val, "test": res_test, "run": run_info})
         result.update(val=res_val, test=res_test)
     if world > 1:
         dist.barrier()

@@ -64,9 +64,14 @@ def _detached(obj: Any) -> Any:
     return obj
 
 
+def _unscaled(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
 def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: torch.Tensor,
                      mlps: Sequence[nn.Module], loss_fn: Callable[..., Any], chunk: int = 8,
-                     pairs: torch.Tensor | None = None, separable: bool = True) -> tuple[MatchOutput, Any]:
+                     pairs: torch.Tensor | None = None, separable: bool = True,
+                     scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[MatchOutput, Any]:
     """Forward and backward of the whole stage-1 loss, encoding X_FG / X_BG chunk by chunk (exact).
 
     ``loss_fn(fg, bg, pairs)`` gets per-head features (p, C_i) of p pairs and their indices and returns the loss (a
@@ -86,9 +91,12 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: t
     accumulated once, as by ``loss.backward()`` after ``matcher(...)``.
 
     x (B, 3, H, W); ``maps`` the ClassNet's output (or maps M_i (B, N, h_i, w_i)); labels (B, N); ``pairs`` (P, 2)
-    as in :meth:`ImgMatchNet.forward`; ``chunk`` = images per encoder call (0 = all 2P at once). Returns the match
+    as in :meth:`ImgMatchNet.forward`; ``chunk`` = images per encoder call (0 = all 2P at once). ``scale``
+    multiplies every quantity that is back-propagated (fp16: a gradient scaler's ``scale``), so ``.grad`` holds the
+    scaled gradients. Returns the match
     output and ``loss_fn``'s result on all pairs, both detached. Gradients are accumulated into ``.grad``.
     """
+    scale = scale or _unscaled
     mm = matcher.masks(x, maps)
     pairs = matcher.select_pairs(maps, labels, pairs)
     n_pairs = pairs.shape[0]
@@ -96,7 +104,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: t
         match = matcher(x, maps, labels, mlps, pairs)
         terms = loss_fn(match.fg, match.bg, match.pairs)
         with _no_autocast(x):
-            _loss_total(terms).backward()
+            scale(_loss_total(terms)).backward()
         return _detached(match), _detached(terms)
     heads = matcher.heads(mlps)
     x_fg, x_bg = matcher.images(x, mm, matcher.channels(maps, pairs))   # eq. 5 images with their graph, (P, 3, H, W)
@@ -113,7 +121,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: t
             part = _loss_total(loss_fn([h(f_leaf[:p_c]) for h in heads], [h(f_leaf[p_c:]) for h in heads],
                                        pairs[s:e]))
             with _no_autocast(x):                                    # backward outside autocast regions
-                g_f, = torch.autograd.grad(part * (p_c / n_pairs), f_leaf)   # dL/d(features of this chunk)
+                g_f, = torch.autograd.grad(scale(part * (p_c / n_pairs)), f_leaf)   # dL/d(features of this chunk)
                 g_x, = torch.autograd.grad(f, xin, g_f)              # through the encoder; frees its graph
             f_fg.append(f_leaf.detach()[:p_c])
             f_bg.append(f_leaf.detach()[p_c:])
@@ -129,7 +137,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: t
         del f_all
         whole = _loss_total(loss_fn([h(f_fg) for h in heads], [h(f_bg) for h in heads], pairs))
         with _no_autocast(x):
-            d_fg, d_bg = torch.autograd.grad(whole, [f_fg, f_bg])    # dL/d(features), all pairs
+            d_fg, d_bg = torch.autograd.grad(scale(whole), [f_fg, f_bg])    # dL/d(features), all pairs
         for s, e in spans:                                           # pass 2: one chunk's encoder graph at a time
             xin = torch.cat([x_fg[s:e], x_bg[s:e]]).detach().requires_grad_(True)
             f = matcher.encoder.encode(xin)
@@ -144,7 +152,7 @@ def forward_backward(matcher: ImgMatchNet, x: torch.Tensor, maps: Any, labels: t
     terms = loss_fn(fg, bg, pairs)
     total = _loss_total(terms)
     with _no_autocast(x):
-        torch.autograd.backward([total, x_fg, x_bg], [torch.ones_like(total), torch.cat(g_fg), torch.cat(g_bg)])
+        torch.autograd.backward([scale(total), x_fg, x_bg], [torch.ones_like(total), torch.cat(g_fg), torch.cat(g_bg)])
     return _detached(MatchOutput(pairs, fg, bg, mm.m, mm.b)), _detached(terms)
 
 
@@ -154,13 +162,15 @@ def _last_cam(out_c: Any) -> torch.Tensor:
 
 
 def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torch.Tensor, loss_cfg: Any,
-                      chunk: int = 8, ddp_model: nn.Module | None = None) -> LossTerms:
+                      chunk: int = 8, ddp_model: nn.Module | None = None,
+                      scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossTerms:
     """One step's loss terms (eq. 6) with their backward; returns the detached terms.
 
     Single process (``ddp_model is None``): FG/BG encoded and back-propagated chunk by chunk under the ``chunk`` memory
     cap (:func:`forward_backward`, exact; the official batch InfoNCE takes its non-separable path). Under DDP,
     ``ddp_model`` (the wrapped ``model``) runs one forward and one backward, which DDP needs to all-reduce the
-    gradients.
+    gradients. ``scale``: see
+    :func:`forward_backward` (fp16 training).
     """
     if ddp_model is None and model.matcher is not None:
         out_c = model.classnet(x)
@@ -170,7 +180,7 @@ def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torc
             return total_loss(out_c.logits.float(), y, fg, bg, protos, p, loss_cfg, last_map=_last_cam(out_c))
 
         _, terms = forward_backward(model.matcher, x, out_c, y, model.classnet.mlps, loss_fn, chunk, pairs,
-                                    separable=loss_cfg.nce == "pair")
+                                    separable=loss_cfg.nce == "pair", scale=scale)
         return terms
     out_c, match = (ddp_model or model)(x, y, pairs)
     terms = total_loss(
@@ -179,5 +189,5 @@ def loss_and_backward(model: PBIP, x: torch.Tensor, y: torch.Tensor, pairs: torc
         model.loss_prototypes(out_c), match.pairs if match is not None else None, loss_cfg,
         last_map=_last_cam(out_c),
     )
-    terms.total.backward()
+    (scale or _unscaled)(terms.total).backward()
     return _detached(terms)

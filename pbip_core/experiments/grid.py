@@ -16,7 +16,10 @@ A grid file (``pbip_core/experiments/grids/*.yaml``, the book's in ``grids/book/
       demo: {seeds: [0], overrides: {data.max_train: 120}, only: [default]}
 
 Each run resolves ``make_config(profile, {**overrides, "method": m, **variant, "train.seed": s, "data.root": d})``
-and is named by a content hash (:func:`run_hash`). Two grid cells that resolve to the same configuration are one run.
+and is named by a content hash (:func:`run_hash`) of that configuration without its paths and scheduling keys, the
+dataset's content identity and the method version (:mod:`pbip_core.experiments.identity`): the same run under
+another dataset path, results folder or machine has the same hash. Two grid cells that resolve to the same
+configuration are one run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import yaml
 from ..config import Config, load_yaml, make_config
 from ..errors import ConfigError
 from ..io import atomic_write_text
+from .identity import METHOD_VERSION, dataset_identity
 
 GRIDS_DIR = Path(__file__).with_name("grids")
 BOOK_GRIDS_DIR = GRIDS_DIR / "book"
@@ -69,6 +73,7 @@ class RunSpec:
     stage2: bool
     splits: list[str]
     aliases: list[str] = field(default_factory=list)   # other method/variant labels with the identical config
+    dataset_id: str = ""                               # the dataset's identity key, name@digest (identity.py)
 
     @property
     def label(self) -> str:
@@ -174,21 +179,71 @@ def load_grid(grid: str | Path | Mapping[str, Any], profile: str | None = None, 
     return grid_obj
 
 
-def write_grid(grid: Grid, path: str | Path) -> Path:
-    """Save a resolved grid as a plain YAML file that ``pbip run`` reads back to the same runs."""
+def grid_dict(grid: Grid) -> dict[str, Any]:
+    """A resolved grid as a plain mapping (what :func:`write_grid` writes and :func:`load_grid` reads back)."""
     keys = ("name", "profile", "datasets", "methods", "variants", "seeds", "stage2", "splits", "overrides")
-    data = {k: getattr(grid, k) for k in keys}
+    data = {k: copy.deepcopy(getattr(grid, k)) for k in keys}
     data["variants"] = {k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
                         for k, v in data["variants"].items()}
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    data["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["overrides"].items()}
+    if grid.config:
+        data["config"] = grid.config
+    return data
+
+
+def write_grid(grid: Grid, path: str | Path) -> Path:
+    """Save a resolved grid as a plain YAML file that ``pbip run`` reads back to the same runs."""
+    atomic_write_text(path, yaml.safe_dump(grid_dict(grid), sort_keys=False, allow_unicode=True))
     return Path(path)
 
 
+# ---------------------------------------------------------------------------------------------------- plans
+PLAN_KIND = "plan"
+
+
+def write_plan(grids: Sequence[Grid], path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a plan: ``kind: plan``, the keys of ``meta`` (``results``: the results folder ``pbip run`` uses by
+    default; anything else is information for people) and ``grids``, a list of resolved grids. ``pbip run PLAN``
+    executes every run of every grid once (runs shared by several grids once)."""
+    names = [g.name for g in grids]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a plan's grids need distinct names; got {names}")
+    data = {"kind": PLAN_KIND, **dict(meta or {}), "grids": [grid_dict(g) for g in grids]}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
+    return Path(path)
+
+
+def load_grids(source: str | Path, profile: str | None = None, dataset: str | Path | None = None
+               ) -> tuple[list[Grid], dict[str, Any]]:
+    """The grids of a plan file (``kind: plan``), or the one grid of a grid file / built-in grid name, and the
+    plan's other keys (``{}`` for a grid). ``dataset`` replaces every grid's datasets; a plan is already resolved
+    for its profile, so ``profile`` must be None or the plan's."""
+    path = Path(source)
+    data = load_yaml(path, "a plan is a mapping with kind: plan and grids", "plan file") if path.is_file() else {}
+    if data.get("kind") != PLAN_KIND:
+        return [load_grid(source, profile=profile, dataset=dataset)], {}
+    raw = data.get("grids")
+    if not isinstance(raw, list) or not all(isinstance(g, Mapping) for g in raw):
+        raise ConfigError(f"{path}: a plan's 'grids' is a list of grid mappings")
+    meta = {k: v for k, v in data.items() if k not in ("kind", "grids")}
+    plan_profile = meta.get("profile")
+    if profile is not None and plan_profile is not None and profile != plan_profile:
+        raise ConfigError(f"{path}: the plan is for profile {plan_profile}; --profile {profile} does not apply "
+                          f"(make a plan for it: pbip book --plan --profile {profile})")
+    grids = [load_grid({**g, "source": f"{path} grid {g.get('name', i)}"}, dataset=dataset)
+             for i, g in enumerate(raw)]
+    names = [g.name for g in grids]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: a plan's grids need distinct names; got {names}")
+    return grids, meta
+
+
 # ---------------------------------------------------------------------------------------------------- runs
-def run_hash(cfg: Config, dataset: str, stage2: bool, splits: Sequence[str]) -> str:
-    """Content hash of a run: the config hash, the dataset path as written in the grid and the stage flags."""
-    blob = json.dumps({"config": cfg.hash(), "dataset": Path(dataset).as_posix(), "stage2": bool(stage2),
-                       "splits": sorted(splits)}, sort_keys=True).encode()
+def run_hash(cfg: Config, dataset_key: str, stage2: bool, splits: Sequence[str]) -> str:
+    """Content hash of a run: the config hash (no paths, no scheduling keys), the dataset's identity key
+    (:attr:`~pbip_core.experiments.identity.DatasetIdentity.key`), the stage flags and the method version."""
+    blob = json.dumps({"config": cfg.hash(), "dataset": str(dataset_key), "stage2": bool(stage2),
+                       "splits": sorted(splits), "method_version": METHOD_VERSION}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -207,7 +262,8 @@ def plan(grid: Grid, quiet: bool = False) -> list[RunSpec]:
         if "stage2.seed" not in variant and "stage2.seed" not in grid.overrides:
             overrides["stage2.seed"] = int(seed)
         cfg = make_config(grid.profile, overrides, grid.config)
-        h = run_hash(cfg, dataset, grid.stage2, grid.splits)
+        ident = dataset_identity(dataset).key
+        h = run_hash(cfg, ident, grid.stage2, grid.splits)
         if h in by_hash:
             first = by_hash[h]
             first.aliases.append(f"{method}/{vname}")
@@ -217,7 +273,8 @@ def plan(grid: Grid, quiet: bool = False) -> list[RunSpec]:
                       f"{first.method}/{first.variant} ({h}); it is run once")
             continue
         spec = RunSpec(grid=grid.name, dataset=dataset, method=method, variant=vname, seed=int(seed),
-                       overrides=overrides, cfg=cfg, hash=h, stage2=grid.stage2, splits=list(grid.splits))
+                       overrides=overrides, cfg=cfg, hash=h, stage2=grid.stage2, splits=list(grid.splits),
+                       dataset_id=ident)
         by_hash[h] = spec
         specs.append(spec)
     return specs

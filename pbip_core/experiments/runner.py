@@ -1,18 +1,27 @@
-"""The resumable runner: every run of a grid through the pipeline, one tidy results table.
+"""The resumable runner: every run of a grid (or of a plan of grids) through the pipeline, one tidy table per grid.
 
-The pipeline of one run (:func:`pipeline_step`): prototype bank (cached per dataset and bank config; ``bank.seed``
-stays fixed unless a variant sets it or ``bank.seed_from_train`` ties it to the run's seed, so seeds vary the training
-only by default) -> stage-1 training -> pseudo masks of ``splits`` (val/test restricted by ``pseudo.labels``, from the
-``pseudo.test_checkpoint`` weights; train from ``best.pt``) -> scores -> optionally train pseudo masks -> stage 2 ->
-scores. Every finished (or failed) run becomes one
-row of ``RESULTS/<name>.csv``: grid, hash, dataset, method, variant, seed, status, wall time, every flat config key
-(dotted), and every metric as ``<stage>.<split>.<metric>`` (per-class IoU as ``<stage>.<split>.iou.<class>``). Rows
-are written atomically under a file lock. Rerunning a grid skips runs whose hash already has status ``ok`` and
-resumes half-finished run folders (``RESULTS/runs/<hash>/``) from their checkpoints. A run's folder is claimed
-(:mod:`pbip_core.engine.claims`) before it starts, so a second ``pbip run`` of the same grid skips the runs a live
-process holds, never writes a row for a run it did not execute, and a failed row never replaces an ``ok`` one.
+The pipeline of one run (:func:`pipeline_step`): prototype bank (cached per dataset identity and bank config;
+``bank.seed`` stays fixed unless a variant sets it or ``bank.seed_from_train`` ties it to the run's seed, so seeds vary
+the training only by default) -> stage-1 training -> pseudo masks of ``splits`` (val/test restricted by
+``pseudo.labels``, from the ``pseudo.test_checkpoint`` weights, and also with the classifier's own labels; train from
+``best.pt``) -> scores -> optionally train pseudo masks -> stage 2 -> scores. A run's folder is claimed
+(:mod:`pbip_core.engine.claims`) before it starts, so a second ``pbip run`` of the same grid skips (or, with
+``wait``, waits for) the runs a live process holds and never runs a finished run again.
 
-Command line: ``pbip run GRID.yaml [--profile P] [--dataset D] [--dry-run] [--jobs N] [--results DIR]``.
+Results. Each run writes its own row, ``RESULTS/runs/<hash>/row.json`` (atomically, by the run itself: no file is
+shared between runs, so runs on many nodes need no lock): grid, hash, dataset, dataset identity, method, variant,
+seed, status, wall time, where it ran and the source of its weights, the code digest, every flat config key (dotted)
+and every metric as ``<stage>.<split>.<metric>`` (per-class IoU as ``<stage>.<split>.iou.<class>``).
+:func:`collect` gathers a grid's rows into ``RESULTS/<grid>.csv`` (written by ``pbip run`` and ``pbip report``; the
+row of a run shared by several grids carries each grid's own labels there). A run is done when its ``row.json`` says
+``ok``: rerunning a grid skips it, whichever grid or machine produced it, and resumes half-finished run folders from
+their checkpoints. Run hashes do not depend on paths (:mod:`pbip_core.experiments.identity`), so a results folder
+copied to another machine or path is reused there.
+
+Where runs execute: :mod:`pbip_core.experiments.executors` (this process, local processes, Slurm via submitit).
+
+Command line: ``pbip run GRID_OR_PLAN.yaml [--profile P] [--dataset D] [--dry-run] [--executor local|slurm]
+[--jobs N] [--only HASH] [--hashes] [--collect] [--results DIR]``.
 """
 
 from __future__ import annotations
@@ -20,19 +29,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
-import multiprocessing as mp
-import os
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
-import torch
 
 from ..config import Config
 from ..data.manifest import load_manifest
@@ -40,16 +46,21 @@ from ..engine.bank import build_bank, save_bank
 from ..engine.claims import acquire, held_by_another
 from ..engine.metrics import evaluate_dir
 from ..engine.pseudo import write_pseudo_masks
+from ..engine.runtime import device_for
 from ..engine.stage1 import train
 from ..engine.stage2 import train_stage2
-from ..errors import PBIPError, RunClaimedError
-from ..io import atomic_path
+from ..errors import ConfigError, PBIPError, RunClaimedError
+from ..io import atomic_path, atomic_write_json
 from ..nets.backbones import available_backbones
 from ..nets.encoders import available_encoders
+from .executors import EXECUTORS, SlurmOptions, run_local, run_submitit
 from .grid import Grid, RunSpec, load_grid, plan
+from .identity import METHOD_VERSION, code_digest
 
-ID_COLUMNS = ["grid", "hash", "dataset", "method", "variant", "seed", "aliases", "status", "wall_time_s", "finished", "error"]
+ID_COLUMNS = ["grid", "hash", "dataset", "method", "variant", "seed", "aliases", "status", "wall_time_s", "finished",
+              "dataset_id", "device", "weights", "code", "error"]
 Step = Callable[[RunSpec, Path], Mapping[str, Any]]
+ROW_FILE = "row.json"
 
 
 # ---------------------------------------------------------------------------------------------------- results table
@@ -65,43 +76,76 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def row_path(results_dir: str | Path, run_hash: str) -> Path:
+    """``RESULTS/runs/<hash>/row.json``: the result of one run, written by the run."""
+    return Path(results_dir) / "runs" / str(run_hash) / ROW_FILE
+
+
+def read_row(results_dir: str | Path, run_hash: str) -> dict[str, Any] | None:
+    """The recorded row of a run, or None (not run, or its file is unreadable)."""
+    p = row_path(results_dir, run_hash)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def done_runs(specs: Sequence[RunSpec], results_dir: str | Path) -> set[str]:
+    """Hashes of ``specs`` whose recorded row says ``ok``."""
+    return {s.hash for s in specs if (read_row(results_dir, s.hash) or {}).get("status") == "ok"}
+
+
+def stale_runs(specs: Sequence[RunSpec], results_dir: str | Path) -> list[str]:
+    """Finished runs of ``specs`` recorded with another code digest than the current code's (same
+    :data:`~pbip_core.experiments.identity.METHOD_VERSION`, so they are reused; ``--rerun-stale`` redoes them)."""
+    now = code_digest()
+    out = []
+    for s in specs:
+        row = read_row(results_dir, s.hash) or {}
+        if row.get("status") == "ok" and row.get("code") not in (None, now):
+            out.append(s.hash)
+    return out
+
+
+def collect(grid: Grid, specs: Sequence[RunSpec], results_dir: str | Path, write: bool = True) -> pd.DataFrame:
+    """The rows of ``grid``'s runs (plan order; runs without a row are left out) with this grid's labels (name,
+    method, variant, seed, aliases); written to ``RESULTS/<grid>.csv`` atomically when ``write``."""
+    rows = []
+    for s in specs:
+        row = read_row(results_dir, s.hash)
+        if row is None:
+            continue
+        row.update(grid=grid.name, dataset=s.dataset, method=s.method, variant=s.variant, seed=s.seed,
+                   aliases=" ".join(s.aliases))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=ID_COLUMNS)
+    cols = [c for c in ID_COLUMNS if c in df.columns] + [c for c in df.columns if c not in ID_COLUMNS]
+    df = df[cols]
+    if write and rows:
+        path = results_path(grid, results_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+    return df.reset_index(drop=True)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An advisory lock on ``path.lock`` (two local runs build one bank once). Best effort: on a file system
+    without ``flock`` (some cluster mounts) it proceeds unlocked; the bank is written atomically either way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def append_row(path: str | Path, row: Mapping[str, Any]) -> None:
-    """Add (or replace, by hash) one row of the table: read, update, write a temp file, rename; under a lock.
-
-    A row that is not ``ok`` never replaces an ``ok`` row of the same hash (that result stays; a message says so)."""
-    path = Path(path)
-    with _locked(path):
-        df = load_results(path)
-        if len(df) and "hash" in df.columns:
-            same = df["hash"].astype(str) == str(row["hash"])
-            if row.get("status") != "ok" and "status" in df.columns and (df.loc[same, "status"] == "ok").any():
-                print(f"pbip run: {path}: kept the ok row of {row['hash']}; not replaced by this "
-                      f"{row.get('status')} run ({row.get('error', '')})", file=sys.stderr, flush=True)
-                return
-            df = df[~same]
-        new = pd.DataFrame([dict(row)])
-        df = new if df.empty else pd.concat([df, new], ignore_index=True, sort=False)
-        cols = [c for c in ID_COLUMNS if c in df.columns] + [c for c in df.columns if c not in ID_COLUMNS]
-        with atomic_path(path) as tmp:
-            df[cols].to_csv(tmp, index=False)
-
-
-def done_hashes(path: str | Path) -> set[str]:
-    df = load_results(path)
-    if df.empty or "status" not in df.columns:
-        return set()
-    return set(df.loc[df["status"] == "ok", "hash"].astype(str))
 
 
 _NOT_METRICS = {"background_index", "class_names", "split", "data_root"}
@@ -129,40 +173,67 @@ def _config_columns(cfg: Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 def bank_path_for(spec: RunSpec, results_dir: str | Path) -> Path:
-    """Cache path of the prototype bank: one per dataset and bank configuration."""
-    key = json.dumps({"dataset": Path(spec.dataset).as_posix(), "bank": dataclasses.asdict(spec.cfg.bank)},
-                     sort_keys=True, default=str)
+    """Cache path of the prototype bank: one per dataset identity (not its path), bank configuration and method
+    version."""
+    key = json.dumps({"dataset": spec.dataset_id, "bank": dataclasses.asdict(spec.cfg.bank),
+                      "method_version": METHOD_VERSION}, sort_keys=True, default=str)
     return Path(results_dir) / "banks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _provenance(run_dir: Path, stage2: bool) -> dict[str, Any]:
+    """``device`` and ``weights`` columns from the stages' run records: where the run ran, and RANDOM WEIGHTS
+    (naming the parts) or pretrained."""
+    info = {}
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads((run_dir / "stage1" / "run_info.json").read_text())
+    rand = [f"stage-1 {p}" for p in info.get("random_weights", [])]
+    if stage2:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            rand += [f"stage-2 {p}" for p in
+                     json.loads((run_dir / "stage2" / "metrics.json").read_text())["run"]["random_weights"]]
+    weights = f"RANDOM WEIGHTS: {', '.join(rand)}" if rand else "pretrained"
+    return {"device": info.get("device", ""), "weights": weights}
 
 
 def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "results") -> dict[str, Any]:
     """The real pipeline of one run; returns the flat metric columns."""
     cfg, data = spec.cfg, spec.dataset
+    device = device_for(cfg)                  # the paper profile stops here on a CPU (unless train.allow_cpu)
     bank_path = bank_path_for(spec, results_dir)
     with _locked(bank_path):  # two parallel runs on one dataset build its bank once
         if not bank_path.is_file():
-            save_bank(build_bank(data, cfg.bank, cache_dir=bank_path.parent / "cache"), bank_path)
+            save_bank(build_bank(data, cfg.bank, cache_dir=bank_path.parent / "cache", device=device), bank_path)
     s1 = run_dir / "stage1"
-    train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file())
+    train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file(), device=device)
     out: dict[str, Any] = {}
     for split in spec.splits:  # val/test: cfg.pseudo.labels and the cfg.pseudo.test_checkpoint weights
         ckpt = "last.pt" if (split != "train" and cfg.pseudo.test_checkpoint == "last") else "best.pt"
-        masks = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}", cfg.pseudo.labels, checkpoint=ckpt)
+        masks = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}", cfg.pseudo.labels, device=device,
+                                   checkpoint=ckpt)
+        if split != "train" and cfg.pseudo.labels == "gt":   # the same masks with the classifier's own classes
+            pred = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}_predicted", "predicted",
+                                      device=device, checkpoint=ckpt)
+            out.update(flatten_metrics("stage1_predicted", split, evaluate_dir(pred, data, split)))
         if split != "train":
             out.update(flatten_metrics("stage1", split, evaluate_dir(masks, data, split)))
     if spec.stage2:
         masks = run_dir / "pseudo_train"
         if "train" not in spec.splits:
-            masks = write_pseudo_masks(s1, data, "train", masks)
+            masks = write_pseudo_masks(s1, data, "train", masks, device=device)
         s2 = run_dir / "stage2"
-        res = train_stage2(cfg, data, masks, s2, resume=(s2 / "last.pt").is_file())
+        res = train_stage2(cfg, data, masks, s2, resume=(s2 / "last.pt").is_file(), device=device)
         for split in ("val", "test"):
             out.update(flatten_metrics("stage2", split, res[split]))
+    out.update(_provenance(run_dir, spec.stage2))
     return out
 
 
 def _default_step(results_dir: str | Path) -> Step:
-    return lambda spec, run_dir: pipeline_step(spec, run_dir, results_dir)
+    return functools.partial(_pipeline_into, results_dir=results_dir)
+
+
+def _pipeline_into(spec: RunSpec, run_dir: Path, results_dir: str | Path) -> dict[str, Any]:
+    return pipeline_step(spec, run_dir, results_dir)
 
 
 def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
@@ -180,23 +251,25 @@ def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) ->
         print(f"pbip run: {spec.label} skipped: {e}", file=sys.stderr, flush=True)
         return {**skipped, "error": str(e), "claimed": True}
     with claim:
-        if spec.hash in done_hashes(results_dir / f"{spec.grid}.csv"):
+        if (read_row(results_dir, spec.hash) or {}).get("status") == "ok":
             print(f"pbip run: {spec.label} skipped: finished by another process meanwhile", flush=True)
             return {**skipped, "error": "finished by another process"}
         return _execute(spec, results_dir, step)
 
 
 def _execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
-    """Run one spec with ``step`` and record its row (status ok, or failed with the error). KeyboardInterrupt
-    propagates without a row, so the run is redone (resumed) next time."""
+    """Run one spec with ``step`` and record its row in ``runs/<hash>/row.json`` (status ok, or failed with the
+    error). KeyboardInterrupt and SystemExit (a scheduler's requeue) propagate without a row, so the run is redone
+    (resumed) next time."""
     results_dir = Path(results_dir)
     run_dir = results_dir / "runs" / spec.hash
     run_dir.mkdir(parents=True, exist_ok=True)
     spec.cfg.save(run_dir / "config.yaml")
     step = step or _default_step(results_dir)
     t0 = time.time()
-    row: dict[str, Any] = {"grid": spec.grid, "hash": spec.hash, "dataset": spec.dataset, "method": spec.method,
-                           "variant": spec.variant, "seed": spec.seed, "aliases": " ".join(spec.aliases)}
+    row: dict[str, Any] = {"grid": spec.grid, "hash": spec.hash, "dataset": spec.dataset,
+                           "dataset_id": spec.dataset_id, "method": spec.method, "variant": spec.variant,
+                           "seed": spec.seed, "aliases": " ".join(spec.aliases)}
     try:
         metrics = dict(step(spec, run_dir) or {})
         row.update(status="ok", error="")
@@ -209,72 +282,88 @@ def _execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -
         (run_dir / "error.txt").write_text(traceback.format_exc())
         where = "" if isinstance(e, PBIPError) else f" (traceback in {run_dir / 'error.txt'})"
         print(f"pbip run: {spec.label} failed: {msg}{where}", file=sys.stderr)
-    row.update(wall_time_s=round(time.time() - t0, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    row.update(wall_time_s=round(time.time() - t0, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               code=code_digest(), method_version=METHOD_VERSION)
     row.update(_config_columns(spec.cfg))
     row.update(metrics)
-    append_row(results_dir / f"{spec.grid}.csv", row)
+    atomic_write_json(run_dir / ROW_FILE, row)
     return row
 
 
-def _init_worker(counter: Any, n_gpus: int, threads: int) -> None:
-    with counter.get_lock():
-        idx = counter.value
-        counter.value += 1
-    if n_gpus > 0:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(idx % n_gpus)  # round-robin, before CUDA is touched
-    torch.set_num_threads(max(1, threads))
+def _unique(specs_by_grid: Mapping[str, Sequence[RunSpec]]) -> list[RunSpec]:
+    """Every run once, in plan order (runs shared by several grids belong to the first)."""
+    seen: dict[str, RunSpec] = {}
+    for specs in specs_by_grid.values():
+        for s in specs:
+            seen.setdefault(s.hash, s)
+    return list(seen.values())
 
 
-def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Path = "results", jobs: int = 1,
-             dry_run: bool = False, step: Step | None = None, wait: bool = False,
-             poll_s: float = 5.0) -> pd.DataFrame:
-    """Run every pending run of ``grid`` and return its rows of the results table.
+def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Path = "results", jobs: int | None = 1,
+             dry_run: bool = False, step: Step | None = None, executor: str = "local",
+             slurm: SlurmOptions | None = None, rerun_stale: bool = False, wait: bool = False) -> pd.DataFrame:
+    """Run every pending run of ``grid`` and return its rows of the results table (see :func:`run_grids`)."""
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
+    return run_grids([grid], results_dir, jobs, dry_run, step, executor, slurm, rerun_stale, wait)[grid.name]
+
+
+def run_grids(grids: Sequence[Grid], results_dir: str | Path = "results", jobs: int | None = None,
+              dry_run: bool = False, step: Step | None = None, executor: str = "local",
+              slurm: SlurmOptions | None = None, rerun_stale: bool = False, wait: bool = False,
+              poll_s: float = 5.0) -> dict[str, pd.DataFrame]:
+    """Run every pending run of ``grids`` (each run once, however many grids share it) and return, per grid name,
+    its rows of the results table (also written to ``RESULTS/<grid>.csv``).
 
     ``step(spec, run_dir) -> {metric column: value}`` defaults to the real pipeline (:func:`pipeline_step`).
-    ``jobs > 1`` runs that many processes (spawn); each uses ``cores // jobs`` torch threads and, on a machine
-    with GPUs, one GPU chosen round-robin. ``dry_run`` prints the plan and what is missing and runs nothing.
-    Runs another live process holds are skipped (that process writes their rows); with ``wait``, this call waits
-    for them (checking every ``poll_s`` seconds) and runs any that the other process did not finish.
+    ``executor``: ``local`` (``jobs`` processes, default one per visible GPU; :func:`~.executors.run_local`) or
+    ``slurm`` (submitit, ``slurm`` options; :func:`~.executors.run_submitit`). ``dry_run`` prints the plan and what
+    is missing and runs nothing. ``rerun_stale`` also redoes finished runs recorded with other code
+    (:func:`stale_runs`). Runs another live process holds are skipped (that process writes their rows); with
+    ``wait`` (local executor), this call waits for them, checking every ``poll_s`` seconds, and runs any that the
+    other process did not finish.
     """
-    grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    specs = plan(grid)
-    table = results_path(grid, results_dir)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    specs_by_grid = {g.name: plan(g) for g in grids}
     if dry_run:
-        text, df = dry_run_report(grid, specs, results_dir)
-        print(text)
-        return df
-    done = done_hashes(table)
-    todo = [s for s in specs if s.hash not in done]
-    print(f"pbip run: grid {grid.name}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run "
-          f"-> {table}", flush=True)
-    if jobs <= 1 or len(todo) <= 1:
-        rows = []
-        for i, spec in enumerate(todo, 1):
-            print(f"pbip run: [{i}/{len(todo)}] {spec.label} ({spec.hash})", flush=True)
-            rows.append(execute(spec, results_dir, step))
-            print(f"pbip run: [{i}/{len(todo)}] {rows[-1]['status']} in {rows[-1]['wall_time_s']} s", flush=True)
-    else:
-        rows = _run_parallel(todo, results_dir, jobs, step)
-    held = {r["hash"] for r in rows if r.get("claimed")}
-    claimed = [s for s in todo if s.hash in held]
-    if wait and claimed:
-        rows = [r for r in rows if not r.get("claimed")] + _wait_for(claimed, results_dir, step, poll_s)
-    n_skipped = sum(r["status"] == "skipped" for r in rows)
-    if n_skipped:
-        print(f"pbip run: {n_skipped} run(s) skipped: claimed or finished by another process (their rows are "
-              "written by that process)", flush=True)
-    df = load_results(table)
-    hashes = [s.hash for s in specs]
-    if df.empty:
-        return df
-    df = df[df["hash"].astype(str).isin(hashes)]
-    order = {h: i for i, h in enumerate(hashes)}
-    return df.sort_values("hash", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
+        frames = {}
+        for g in grids:
+            text, frames[g.name] = dry_run_report(g, specs_by_grid[g.name], results_dir)
+            print(text)
+        return frames
+    unique = _unique(specs_by_grid)
+    done = done_runs(unique, results_dir)
+    stale = set(stale_runs(unique, results_dir))
+    if stale:
+        print(f"pbip run: note: {len(stale)} finished run(s) were computed by other code (code digest differs, method "
+              f"version {METHOD_VERSION} the same): " + ", ".join(sorted(stale)[:5])
+              + (" ..." if len(stale) > 5 else "")
+              + ("; recomputing them (--rerun-stale)" if rerun_stale else "; reused (--rerun-stale recomputes them)"),
+              flush=True)
+    todo = [s for s in unique if s.hash not in done or (rerun_stale and s.hash in stale)]
+    names = ", ".join(specs_by_grid)
+    print(f"pbip run: {'grid' if len(grids) == 1 else f'{len(grids)} grids'} {names}: {len(unique)} runs, "
+          f"{len(unique) - len(todo)} done, {len(todo)} to run -> {Path(results_dir)}", flush=True)
+    work = functools.partial(execute, results_dir=results_dir, step=step)
+    try:
+        if todo and executor == "slurm":
+            run_submitit(todo, work, results_dir, slurm, jobs)
+        elif todo:
+            rows = run_local(todo, work, jobs)
+            held = {r["hash"] for r in rows if r.get("claimed")}
+            if wait and held:
+                _wait_for([s for s in todo if s.hash in held], results_dir, step, poll_s)
+            elif held:
+                print(f"pbip run: {len(held)} run(s) skipped: held by another process (it writes their rows)",
+                      flush=True)
+    finally:
+        frames = {g.name: collect(g, specs_by_grid[g.name], results_dir) for g in grids}
+    return frames
 
 
 def _wait_for(specs: list[RunSpec], results_dir: str | Path, step: Step | None, poll_s: float
               ) -> list[dict[str, Any]]:
-    """Wait until no live process holds these runs, then run each one whose row is not ``ok`` by then."""
+    """Wait until no live process holds these runs, then run each one that is not ``ok`` by then."""
     print(f"pbip run: waiting for {len(specs)} run(s) held by another process", flush=True)
     rows: list[dict[str, Any]] = []
     pending = list(specs)
@@ -294,20 +383,28 @@ def _wait_for(specs: list[RunSpec], results_dir: str | Path, step: Step | None, 
     return rows
 
 
-def _run_parallel(todo: list[RunSpec], results_dir: str | Path, jobs: int, step: Step | None) -> list[dict[str, Any]]:
-    n_gpus = torch.cuda.device_count()
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("i", 0)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(counter, n_gpus, threads)) as pool:
-        futures = {pool.submit(execute, spec, results_dir, step): spec for spec in todo}
-        rows = []
-        for n, fut in enumerate(as_completed(futures), 1):
-            spec = futures[fut]
-            rows.append(row := fut.result())
-            print(f"pbip run: [{n}/{len(todo)}] {spec.label}: {row['status']} in {row['wall_time_s']} s", flush=True)
-    return rows
+def run_only(grids: Sequence[Grid], run_hash: str, results_dir: str | Path = "results",
+             step: Step | None = None) -> dict[str, Any]:
+    """Run the one run of ``grids`` whose hash starts with ``run_hash``, in this process, and return its row (for
+    any scheduler: one task per ``pbip run PLAN --only HASH``). Results tables are not touched (``--collect``)."""
+    unique = _unique({g.name: plan(g, quiet=True) for g in grids})
+    hits = [s for s in unique if s.hash.startswith(str(run_hash))]
+    if len(hits) != 1:
+        what = "no run" if not hits else f"{len(hits)} runs"
+        raise ConfigError(f"--only {run_hash}: {what} of the plan has this hash "
+                          "(`pbip run PLAN --hashes` lists the pending ones, --dry-run all)")
+    spec = hits[0]
+    print(f"pbip run: {spec.label} ({spec.hash})", flush=True)
+    row = execute(spec, results_dir, step)
+    print(f"pbip run: {spec.hash}: {row['status']} in {row['wall_time_s']} s", flush=True)
+    return row
+
+
+def pending_runs(grids: Sequence[Grid], results_dir: str | Path = "results") -> list[RunSpec]:
+    """The runs of ``grids`` (each once) that have no ``ok`` row yet."""
+    unique = _unique({g.name: plan(g, quiet=True) for g in grids})
+    done = done_runs(unique, results_dir)
+    return [s for s in unique if s.hash not in done]
 
 
 # ---------------------------------------------------------------------------------------------------- dry run
@@ -350,7 +447,7 @@ def missing_requirements(specs: Sequence[RunSpec]) -> list[str]:
 
 
 def dry_run_report(grid: Grid, specs: Sequence[RunSpec], results_dir: str | Path) -> tuple[str, pd.DataFrame]:
-    done = done_hashes(results_path(grid, results_dir))
+    done = done_runs(specs, results_dir)
     df = pd.DataFrame([{"hash": s.hash, "dataset": s.dataset, "method": s.method, "variant": s.variant,
                         "seed": s.seed, "status": "done" if s.hash in done else "pending"} for s in specs])
     lines = [f"grid {grid.name} (profile {grid.profile}, stage2={grid.stage2}, splits={grid.splits}): "
