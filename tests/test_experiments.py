@@ -259,10 +259,15 @@ def test_pipeline_scores_with_the_configs_labels_and_checkpoint(tmp_path, monkey
               overrides={"pseudo.labels": labels, "pseudo.test_checkpoint": ckpt})
     spec = G.plan(g)[0]
     out = ex.pipeline_step(spec, tmp_path / "run", tmp_path / "results")
-    assert out == {"stage1.val.miou": 0.5, "stage1.test.miou": 0.5}
-    by_split = {s: (lab, c) for s, lab, c in calls}
-    assert by_split["val"] == (labels, f"{ckpt}.pt") and by_split["test"] == (labels, f"{ckpt}.pt")
-    assert by_split["train"][1] == "best.pt"
+    scored = {k: v for k, v in out.items() if k.endswith(".miou")}
+    expected = {"stage1.val.miou": 0.5, "stage1.test.miou": 0.5}
+    if labels == "gt":      # the same masks are also scored with the classifier's own classes
+        expected.update({"stage1_predicted.val.miou": 0.5, "stage1_predicted.test.miou": 0.5})
+    assert scored == expected
+    by_split = {(s, lab): c for s, lab, c in calls}
+    assert by_split[("val", labels)] == f"{ckpt}.pt" and by_split[("test", labels)] == f"{ckpt}.pt"
+    assert len(calls) == (5 if labels == "gt" else 3)       # train, val, test (+ val, test with predicted classes)
+    assert [c for (s, _), c in by_split.items() if s == "train"] == ["best.pt"]
 
 
 def test_figure4_random_banks_follow_the_run_seed(tmp_path):

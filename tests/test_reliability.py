@@ -818,15 +818,18 @@ def test_run_grid_can_wait_for_a_run_another_process_holds(tmp_path, capsys):
     assert "waiting for 1 run(s) held by another process" in capsys.readouterr().out
 
 
-def test_a_failed_row_never_replaces_an_ok_row(tmp_path, capsys):
-    table = tmp_path / "g.csv"
-    ex.append_row(table, {"hash": "h1", "status": "ok", "stage1.val.miou": 0.5})
-    ex.append_row(table, {"hash": "h1", "status": "failed", "error": "late failure"})
-    df = ex.load_results(table)
-    assert len(df) == 1 and df.iloc[0]["status"] == "ok" and df.iloc[0]["stage1.val.miou"] == 0.5
-    assert "kept the ok row of h1" in capsys.readouterr().err
-    ex.append_row(table, {"hash": "h1", "status": "ok", "stage1.val.miou": 0.6})   # a new ok result replaces it
-    assert ex.load_results(table).iloc[0]["stage1.val.miou"] == 0.6
+def test_a_failed_run_never_replaces_an_ok_row(tmp_path):
+    """A run finished ok is not executed again by a later (failing) attempt: its row.json stays ok."""
+    g = _grid(tmp_path, seeds=[0])
+    spec = plan(g)[0]
+    ex.run_grid(g, tmp_path / "results", step=_ok_step)
+
+    def failing(s, d):
+        raise RuntimeError("late failure")
+
+    row = ex.execute(spec, tmp_path / "results", step=failing)
+    assert row["status"] == "skipped"
+    assert ex.read_row(tmp_path / "results", spec.hash)["status"] == "ok"
 
 
 def test_a_run_finished_by_another_process_is_not_run_again(tmp_path):

@@ -40,9 +40,9 @@ SHARED_RUN_GRID = "book-ablation"
 CHAPTER_GRIDS: dict[str, tuple[str, ...]] = {
     "03": (SHARED,),
     "04": (SHARED,),
-    "05": ("book-table1",),
+    "05": ("book-table1", SHARED),
     "06": ("book-table1",),
-    "07": ("book-table2", "book-table5", "book-table4", "book-fig3", "book-fig4", "book-table3"),
+    "07": ("book-table2", "book-table5", "book-table4", "book-fig3", "book-fig4", "book-table3", "book-readings"),
     "09": ("book-official",),
 }
 

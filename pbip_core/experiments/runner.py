@@ -236,11 +236,12 @@ def _pipeline_into(spec: RunSpec, run_dir: Path, results_dir: str | Path) -> dic
     return pipeline_step(spec, run_dir, results_dir)
 
 
-def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
+def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None, rerun: bool = False) -> dict[str, Any]:
     """Claim the run's folder, run it (:func:`_execute`) and record its row.
 
-    A run whose folder another live process holds (a second ``pbip run`` on the same grid), or that another process
-    finished meanwhile, is skipped: the returned row has status ``skipped`` and nothing is written for it.
+    A run whose folder another live process holds (a second ``pbip run`` on the same grid), or that is finished
+    already (unless ``rerun``: ``--rerun-stale``), is skipped: the returned row has status ``skipped`` and nothing is
+    written for it.
     """
     results_dir = Path(results_dir)
     run_dir = results_dir / "runs" / spec.hash
@@ -251,7 +252,7 @@ def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) ->
         print(f"pbip run: {spec.label} skipped: {e}", file=sys.stderr, flush=True)
         return {**skipped, "error": str(e), "claimed": True}
     with claim:
-        if (read_row(results_dir, spec.hash) or {}).get("status") == "ok":
+        if not rerun and (read_row(results_dir, spec.hash) or {}).get("status") == "ok":
             print(f"pbip run: {spec.label} skipped: finished by another process meanwhile", flush=True)
             return {**skipped, "error": "finished by another process"}
         return _execute(spec, results_dir, step)
@@ -301,10 +302,11 @@ def _unique(specs_by_grid: Mapping[str, Sequence[RunSpec]]) -> list[RunSpec]:
 
 def run_grid(grid: Grid | str | Path | Mapping[str, Any], results_dir: str | Path = "results", jobs: int | None = 1,
              dry_run: bool = False, step: Step | None = None, executor: str = "local",
-             slurm: SlurmOptions | None = None, rerun_stale: bool = False, wait: bool = False) -> pd.DataFrame:
+             slurm: SlurmOptions | None = None, rerun_stale: bool = False, wait: bool = False,
+             poll_s: float = 5.0) -> pd.DataFrame:
     """Run every pending run of ``grid`` and return its rows of the results table (see :func:`run_grids`)."""
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    return run_grids([grid], results_dir, jobs, dry_run, step, executor, slurm, rerun_stale, wait)[grid.name]
+    return run_grids([grid], results_dir, jobs, dry_run, step, executor, slurm, rerun_stale, wait, poll_s)[grid.name]
 
 
 def run_grids(grids: Sequence[Grid], results_dir: str | Path = "results", jobs: int | None = None,
@@ -344,7 +346,7 @@ def run_grids(grids: Sequence[Grid], results_dir: str | Path = "results", jobs: 
     names = ", ".join(specs_by_grid)
     print(f"pbip run: {'grid' if len(grids) == 1 else f'{len(grids)} grids'} {names}: {len(unique)} runs, "
           f"{len(unique) - len(todo)} done, {len(todo)} to run -> {Path(results_dir)}", flush=True)
-    work = functools.partial(execute, results_dir=results_dir, step=step)
+    work = functools.partial(execute, results_dir=results_dir, step=step, rerun=rerun_stale)
     try:
         if todo and executor == "slurm":
             run_submitit(todo, work, results_dir, slurm, jobs)
