@@ -268,7 +268,7 @@ _PROFILE_OVERRIDES: dict[str, dict[str, Any]] = {
         "model.backbone": "efficientnet_lite0", "model.levels": (1, 2, 3),
         "train.epochs": 2, "train.batch_size": 10, "train.lr": 1e-4, "train.weight_decay": 0.003,
         "train.max_val": 0, "train.log_every": 10,
-        "stage2.backbone": "efficientnet_lite0", "stage2.pretrained": True, "stage2.epochs": 3,
+        "stage2.backbone": "efficientnet_lite0", "stage2.pretrained": True, "stage2.epochs": 6,
         "stage2.batch_size": 10, "stage2.image_size": 128, "stage2.lr": 1e-3, "stage2.output_stride": 16,
     },
     # Sec. 4.1 of the paper.

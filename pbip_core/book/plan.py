@@ -42,7 +42,8 @@ CHAPTER_GRIDS: dict[str, tuple[str, ...]] = {
     "04": (SHARED,),
     "05": ("book-table1", SHARED),
     "06": ("book-table1",),
-    "07": ("book-table2", "book-table5", "book-table4", "book-fig3", "book-fig4", "book-table3", "book-readings"),
+    "07": ("book-table2", "book-table5", "book-table4", "book-fig3", "book-fig4", "book-table3", "book-readings",
+           "book-table2-demo-size"),
     "09": ("book-official",),
 }
 
