@@ -37,7 +37,7 @@ test: $(STAMP)  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The chapters' runs first, one process per core (measured 1.1-1.2x faster than one run after another on 2 cores,
-# docs/paper-scale.md), then the chapters, which only read them. JOBS=1 trains inside the chapters instead.
+# book/paper-scale.md), then the chapters, which only read them. JOBS=1 trains inside the chapters instead.
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 book: $(STAMP)  ## execute every chapter into _build/src and build the HTML into _build/html (book/ stays untouched)
 	$(BIN)/pbip book --profile $(PROFILE) $(if $(filter-out 1,$(JOBS)),--jobs $(JOBS))

@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import nbformat
 import papermill as pm
@@ -46,7 +47,9 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from papermill.exceptions import PapermillExecutionError
 
 from ..errors import ConfigError, PBIPError
-from .chapter import ROOT_POINTER          # in SOURCE_DIR: the repository root, relative to SOURCE_DIR
+from .chapter import (
+    ROOT_POINTER,  # in SOURCE_DIR: the repository root, relative to SOURCE_DIR
+)
 
 SOURCE_DIR = Path("_build") / "src"        # where the chapters are executed and the HTML is built from
 BOOK_FILES = ("_config.yml", "_toc.yml")
@@ -64,6 +67,9 @@ CHAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "07": ("07_ablations.ipynb", ("05",)),
     "08": ("08_zero_shot.ipynb", ("02",)),
     "09": ("09_paper_vs_code.ipynb", ("05", "07")),
+    "10": ("10_ebhi_seg.ipynb", ()),
+    # The introduction's results summary reads the runs of chapters 05-07 and 10: it is executed last.
+    "00": ("intro.ipynb", ("05", "06", "07", "09", "10")),
 }
 
 

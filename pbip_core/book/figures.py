@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -18,20 +19,20 @@ try:                                   # inside a Jupyter kernel keep the inline
     get_ipython  # type: ignore[name-defined]  # noqa: B018
 except NameError:
     matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.figure import Figure, SubFigure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.patches import Patch
+from sklearn.decomposition import PCA
 
-from ..data import synth  # noqa: E402
-from ..errors import PBIPError  # noqa: E402
-from ..io import atomic_path, read_mask, read_rgb  # noqa: E402
-from ..method.bank import BankSteps  # noqa: E402
-from ..method.model import fg_bg_masks  # noqa: E402
+from ..data import synth
+from ..errors import PBIPError
+from ..io import atomic_path, read_mask, read_rgb
+from ..method.bank import BankSteps
+from ..method.model import fg_bg_masks
 
 Palette = Sequence[Sequence[int]]
 

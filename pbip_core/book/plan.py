@@ -19,16 +19,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..config import make_config
-from ..data.manifest import load_manifest
+from ..data.manifest import dataset_entry, load_manifest
 from ..experiments.grid import Grid, RunSpec, load_grid, plan, write_plan
 from ..experiments.identity import DATASET_FOLDERS
 from ..experiments.runner import done_runs, missing_requirements
-from .chapter import BUILTIN_DATASETS, Chapter
+from .chapter import BUILTIN_DATASETS, Chapter, repo_root
 from .tables import table3_plan
 
 #: The one-run grid of the shared stage-1 run (chapters 03 and 04 show its maps): book-ablation's unchanged variant.
@@ -45,7 +46,13 @@ CHAPTER_GRIDS: dict[str, tuple[str, ...]] = {
     "07": ("book-table2", "book-table5", "book-table4", "book-fig3", "book-fig4", "book-table3", "book-readings",
            "book-table2-demo-size"),
     "09": ("book-official",),
+    "10": ("book-ebhi",),
+    "00": ("book-table1", "book-table2-demo-size", "book-ebhi"),
 }
+
+#: Book grids that run on a dataset of their own instead of the book's ``dataset`` parameter: grid -> the manifest's
+#: dataset name (its ``local_dir`` in the repository). They enter the plan only when that folder exists.
+GRID_DATASETS: dict[str, str] = {"book-ebhi": "ebhi-seg"}
 
 #: Every grid name a chapter may read (``run_book_grid`` refuses others).
 BOOK_GRIDS: frozenset[str] = (frozenset(g for gs in CHAPTER_GRIDS.values() for g in gs if g != SHARED)
@@ -55,8 +62,10 @@ BOOK_GRIDS: frozenset[str] = (frozenset(g for gs in CHAPTER_GRIDS.values() for g
 # ---------------------------------------------------------------------------------------------------- grids
 def book_grid(name: str, ch: Chapter, seeds: Sequence[int] | None = None,
               variants: Sequence[str] | None = None) -> Grid:
-    """Book grid ``name`` resolved for chapter ``ch``: its profile, dataset and encoder, and its ``overrides``
-    (every run); ``seeds`` replaces the profile's seeds, ``variants`` keeps only those."""
+    """Book grid ``name`` resolved for chapter ``ch``: its profile, dataset (the grid's own, :data:`GRID_DATASETS`,
+    else the chapter's) and encoder, and its ``overrides`` (every run); ``seeds`` replaces the profile's seeds,
+    ``variants`` keeps only those."""
+    ch = on_grid_dataset(ch, name)
     grid = load_grid(name, ch.profile, ch.dataset, ch.encoder, seeds, variants)
     grid.overrides.update(getattr(ch, "overrides", {}) or {})
     return grid
@@ -91,6 +100,17 @@ class BookPlan:
     not_runnable: list[dict[str, str]] = field(default_factory=list)
 
 
+def dataset_folder(name: str) -> Path:
+    """The repository folder of a manifest dataset (``local_dir``, default ``data/<name>``)."""
+    return (repo_root() / (dataset_entry(name).get("local_dir") or f"data/{name}")).resolve()
+
+
+def on_grid_dataset(ch: Chapter, grid: str) -> Chapter:
+    """``ch`` on grid ``grid``'s own dataset (:data:`GRID_DATASETS`) where it has one, else ``ch`` itself."""
+    name = GRID_DATASETS.get(grid)
+    return ch if name is None else dataclasses.replace(ch, dataset=dataset_folder(name), builtin=None)
+
+
 def book_plan(ch: Chapter, chapters: Sequence[str] | None = None) -> BookPlan:
     """The plan of ``chapters`` (default: every chapter of :data:`CHAPTER_GRIDS`) for chapter set-up ``ch``."""
     wanted = [c for c in (chapters or CHAPTER_GRIDS) if c in CHAPTER_GRIDS]
@@ -100,13 +120,20 @@ def book_plan(ch: Chapter, chapters: Sequence[str] | None = None) -> BookPlan:
     for c in wanted:
         names = []
         for name in CHAPTER_GRIDS[c]:
+            if name in GRID_DATASETS and not (on_grid_dataset(ch, name).dataset / "dataset.yaml").is_file():
+                data = GRID_DATASETS[name]
+                reason = (f"dataset {data} not found in {dataset_entry(data).get('local_dir')}: "
+                          f"`pbip data fetch {data}` makes it")
+                if not any(r["grid"] == name for r in not_runnable):
+                    not_runnable.append({"grid": name, "variant": "*", "reason": reason})
+                continue
             grid = chapter_grid(name, ch)
             names.append(grid.name)
             if grid.name in grids:
                 continue
             if name == "book-table3":
                 _, status = table3_plan(ch)
-                not_runnable = [{"grid": grid.name, "variant": str(r["variant"]) or str(row),
+                not_runnable += [{"grid": grid.name, "variant": str(r["variant"]) or str(row),
                                  "reason": str(r["status"])} for row, r in status.iterrows()
                                 if r["status"] != "available"]
             if grid.variants:
@@ -120,7 +147,7 @@ def book_plan(ch: Chapter, chapters: Sequence[str] | None = None) -> BookPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- GPU hours
-#: Cost model of :func:`estimate_gpu_hours`, the paper profile's architectures at 224 px (docs/paper-scale.md).
+#: Cost model of :func:`estimate_gpu_hours`, the paper profile's architectures at 224 px (book/paper-scale.md).
 #: GFLOP of one stage-1 step (MiT-B1 + MedCLIP's Swin-T, batch 10, 2 positive classes per image = 20 FG/BG pairs,
 #: the exact chunked step), counted by torch's FlopCounterMode in benchmarks/results/stage1_cpu_p2.json; the same
 #: file times that step at 5.87 s on the 2-core CPU (132 GFLOP/s effective).
@@ -195,7 +222,7 @@ def estimate_gpu_hours(specs: Sequence[RunSpec], sizes: Mapping[str, int] | None
             "runs": len(specs), "stage2_runs": sum(s.stage2 for s in specs), "banks": len(banks),
             "images": dict(sizes), "gpu_tflops": tflops, "stage1_step_gflop": STAGE1_STEP_GFLOP,
             "how": "GFLOP per step/image (torch FlopCounterMode, benchmarks/) x steps/images of every run "
-                   f"/ {tflops:g} TFLOP/s assumed effective per GPU (docs/paper-scale.md)"}
+                   f"/ {tflops:g} TFLOP/s assumed effective per GPU (book/paper-scale.md)"}
 
 
 # ---------------------------------------------------------------------------------------------------- plan files
@@ -224,7 +251,7 @@ def write_book_plan(bp: BookPlan, ch: Chapter, path: str | Path, tflops: float =
     results = Path(ch.out_dir) / "experiments"
     done = done_runs(bp.specs, results)
     meta: dict[str, Any] = {
-        "note": "written by `pbip book --plan`; execute it with `pbip run THIS_FILE` (docs/paper-scale.md)",
+        "note": "written by `pbip book --plan`; execute it with `pbip run THIS_FILE` (book/paper-scale.md)",
         "profile": ch.profile, "dataset": _rel(ch.dataset), "results": _rel(results),
         "runs": len(bp.specs), "stage2_runs": sum(s.stage2 for s in bp.specs), "done": len(done),
         "chapters": {c: names for c, names in bp.chapters.items()},
@@ -250,8 +277,10 @@ def plan_summary(bp: BookPlan, meta: Mapping[str, Any]) -> str:
                  f"once), {meta['done']} already done")
     if bp.not_runnable:
         weights = sum("weights" in r["reason"] for r in bp.not_runnable)
-        lines.append(f"  left out: {len(bp.not_runnable)} Table-3 rows ({weights} for weights not available here: make "
+        data = [r for r in bp.not_runnable if "dataset" in r["reason"]]
+        lines.append(f"  left out: {len(bp.not_runnable)} rows ({weights} for weights not available here: make "
                      "the plan where the weights are to include them; the others are listed in not_runnable)")
+        lines += [f"  left out: grid {r['grid']}: {r['reason']}" for r in data]
     for m in missing_requirements(bp.specs):
         lines.append(f"  missing here: {m}")
     est = meta.get("estimate")

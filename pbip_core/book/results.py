@@ -14,8 +14,9 @@ under ``<out_dir>/experiments/runs/<hash>``, so two chapters asking for the same
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,13 +26,29 @@ from ..data import list_pairs, load_info, resize_image, to_tensor
 from ..engine.checkpoint import load_classnet
 from ..errors import ConfigError, DataError, MissingRunsError, PBIPError
 from ..experiments.grid import Grid, plan, write_grid
-from ..experiments.runner import collect, done_runs, run_grid
+from ..experiments.runner import collect, dataset_hint, done_runs, execute, run_grid
 from ..io import read_mask, read_rgb
 from ..method.model import match_masks
-from .plan import BOOK_GRIDS, SHARED_RUN_GRID, book_grid, missing_message, shared_run_grid
+from . import findings
+from .plan import (
+    BOOK_GRIDS,
+    SHARED_RUN_GRID,
+    book_grid,
+    missing_message,
+    shared_run_grid,
+)
+from .tables import paper_dataset
 
-__all__ = ["SHARED_RUN_GRID", "book_grid", "shared_run_grid", "results_dir", "run_book_grid", "ensure_runs",
-           "run_dir", "stage1_run"]
+__all__ = [
+    "SHARED_RUN_GRID",
+    "book_grid",
+    "ensure_runs",
+    "results_dir",
+    "run_book_grid",
+    "run_dir",
+    "shared_run_grid",
+    "stage1_run",
+]
 
 
 def results_dir(ch: Any) -> Path:
@@ -65,6 +82,15 @@ def run_book_grid(name: str, ch: Any, seeds: Sequence[int] | None = None, varian
                           f"is made from): add it there; known: {', '.join(sorted(BOOK_GRIDS))}")
     grid = book_grid(name, ch, seeds, variants)
     out = results_dir(ch)
+    data = Path(grid.datasets[0])
+    if not (data / "dataset.yaml").is_file():
+        # The grid's own dataset (GRID_DATASETS) is not here: show the runs recorded in the results folder, if any.
+        df = recorded_rows(name, ch)
+        if not len(df):
+            raise DataError(f"{data}: dataset folder not found and no recorded runs of grid {name} in {out}; "
+                            f"{dataset_hint(str(data))}")
+        df.attrs.update(grid=grid, recorded=True)
+        return df
     write_grid(grid, Path(ch.out_dir) / "grids" / f"{grid.name}.yaml")
     df = ensure_runs(grid, ch)
     bad = df[df["status"] != "ok"] if len(df) else df
@@ -85,10 +111,19 @@ def stage1_run(ch: Any, seed: int | None = None) -> Path:
     """The stage-1 run folder (``.../runs/<hash>/stage1``) of the book's shared run (:func:`shared_run_grid`),
     trained now if missing and the chapter may train: chapters 03-05 use this one run (and it is the ablations'
     baseline in chapters 07 and 09)."""
-    df = ensure_runs(shared_run_grid(ch, seed), ch)
+    grid = shared_run_grid(ch, seed)
+    df = ensure_runs(grid, ch)
     row = df.iloc[0]
     if row["status"] != "ok":
         raise DataError(f"{run_dir(row, ch)}: the stage-1 run failed: {row.get('error', '')}")
+    if not (run_dir(row, ch) / "stage1" / "best.pt").is_file():
+        # A published run (pbip_core.book.publish) has no weights: train it again; on a CPU it reproduces its row.
+        if not getattr(ch, "train", True):
+            raise MissingRunsError(f"{run_dir(row, ch)}: the shared stage-1 run has no checkpoint (a published run) "
+                                   "and this chapter may not train; run `pbip run --rerun-stale` or allow training")
+        print(f"the shared stage-1 run {row['hash']} has no checkpoint (published results keep none): training it "
+              "again", flush=True)
+        execute(plan(grid, quiet=True)[0], results_dir(ch), rerun=True)
     return run_dir(row, ch) / "stage1"
 
 
@@ -174,3 +209,61 @@ def foreground_images(run: str | Path, image: np.ndarray, classes: Sequence[int]
     maps = {c: mm.m[0, c].numpy() for c in classes}
     xs = {c: (255 * (x[0] * mm.fg[0, c]).permute(1, 2, 0).clamp(0, 1).numpy()).astype(np.uint8) for c in classes}
     return maps, xs
+
+
+# ---------------------------------------------------------------------------------------------------- without data
+def recorded_rows(name: str, ch: Any) -> pd.DataFrame:
+    """The finished rows recorded for grid ``name`` in the chapter's results folder, read from the runs' ``row.json``
+    without the dataset: for a chapter whose dataset is not on this machine but whose runs were made elsewhere
+    (results folders are portable, :mod:`pbip_core.experiments.identity`). Empty when there are none."""
+    rows = []
+    for path in sorted((results_dir(ch) / "runs").glob("*/row.json")):
+        row = json.loads(path.read_text())
+        if row.get("grid") == name and row.get("status") == "ok" and row.get("profile") == ch.profile:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pick_per_class(ch: Any, split: str = "test", n: int = 6) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Up to ``n`` images of a split, one per class in turn (by the largest class of each mask): file names, RGB
+    images and ground-truth masks. For datasets whose images hold one class each (EBHI-Seg)."""
+    info = load_info(ch.dataset)
+    pairs = list_pairs(ch.dataset, split)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, m) in enumerate(pairs):
+        counts = np.bincount(read_mask(m).ravel().astype(np.int64), minlength=info.n_classes + 1)[:info.n_classes]
+        if counts.any():
+            by_class.setdefault(int(counts.argmax()), []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < n and any(by_class.values()):
+        for c in sorted(by_class):
+            if by_class[c] and len(chosen) < n:
+                chosen.append(by_class[c].pop(0))
+    return ([pairs[i][0].name for i in chosen], [read_rgb(pairs[i][0]) for i in chosen],
+            [read_mask(pairs[i][1]) for i in chosen])
+
+
+# ---------------------------------------------------------------------------------------------------- the summary
+def headline_runs(ch: Any) -> dict[str, pd.DataFrame]:
+    """The runs behind the book's results summary (the intro page and the README): ``table1`` (PBIP, CAM and the
+    official code, stage 1 and 2), ``seeds5`` (PBIP and CAM at the same size with five seeds: book-table2-demo-size's
+    full loss and CAM) and ``ebhi`` (chapter 10)."""
+    t2f = run_book_grid("book-table2-demo-size", ch)
+    t2f = t2f[(t2f["method"] == "cam") | (t2f["variant"] == "CLS+FGS+BGS")].drop_duplicates(["method", "seed"])
+    return {"table1": run_book_grid("book-table1", ch), "seeds5": t2f, "ebhi": run_book_grid("book-ebhi", ch)}
+
+
+def headline(ch: Any, runs: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The results summary (:func:`pbip_core.book.findings.headline`) of :func:`headline_runs`."""
+    runs = runs or headline_runs(ch)
+    pds = paper_dataset(ch)
+    s1, s2 = findings.paper_value(5, pds, "SIM+AT"), findings.paper_value(1, pds, "PBIP (Ours)")
+    name, nan = Path(ch.dataset).name, float("nan")
+    t1 = runs["table1"]
+    return findings.headline([
+        ("stage 1, ground-truth classes", t1, "stage1.test.miou", name, s1),
+        ("stage 1, predicted classes", t1, "stage1_predicted.test.miou", name, nan),
+        ("stage 2", t1, "stage2.test.miou", name, s2),
+        ("stage 1, ground-truth classes, 5 seeds", runs["seeds5"], "stage1.test.miou", name, s1),
+        ("stage 1, predicted classes", runs["ebhi"], "stage1.test.miou", "ebhi-seg", nan),
+    ])

@@ -8,8 +8,9 @@ seeds and trims produced them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,14 @@ from IPython.display import HTML
 from ..config import get_key, make_config
 from ..data import known_name, load_info
 from ..experiments.grid import read_grid, resolve
-from ..experiments.report import DATASETS, PAPER, compare, paper_table, render_comparison, summarize
+from ..experiments.report import (
+    DATASETS,
+    PAPER,
+    compare,
+    paper_table,
+    render_comparison,
+    summarize,
+)
 from ..method.model import adaptive_threshold
 from ..nets.backbones import available_backbones
 from ..nets.encoders import available_encoders
@@ -299,7 +307,7 @@ def differences_table(measured: pd.DataFrame | None = None, metric: str = "stage
     gap = (_mean_of(measured, official, metric) - base) if measured is not None else np.nan
     rows = []
     for d in DIFFERENCES:
-        fmt = lambda cfg: "; ".join(f"{k.split('.')[-1]}={_short(get_key(cfg, k))}" for k in d["keys"])  # noqa: E731
+        fmt = lambda cfg: "; ".join(f"{k.split('.')[-1]}={_short(get_key(cfg, k))}" for k in d["keys"])
         v, ref = d["variant"], d.get("against", baseline)
         ours = _mean_of(measured, v, metric) if (measured is not None and v) else np.nan
         delta = ours - (_mean_of(measured, ref, metric) if measured is not None else np.nan)

@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 VENDOR_PACKAGES: dict[str, tuple[str, str]] = {
     "requirejs@2.3.7": ("package", "requirejs"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
@@ -33,7 +33,7 @@ from ..method.model import adaptive_threshold, fg_bg_masks
 from .figures import PCA, feature_projection, similarity_heatmap
 from .tables import cosine_matrix
 
-DELTA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(0, 15))
+DELTA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(15))
 
 
 def threshold_mask(cam: np.ndarray, delta: float) -> np.ndarray:
@@ -162,7 +162,7 @@ def bank_figure(pool: Pool, k: int, nk: int, palette, seed: int = 0, proj_fit=No
         steps = build_prototypes(pool.features, [pool.members(n) for n in range(len(pool.classes))], k,
                                  nk or len(pool.paths), seed=seed, class_names=pool.classes)
     idx = np.concatenate(steps.index)
-    unit = lambda t: F.normalize(t.reshape(-1, t.shape[-1]).float(), dim=-1).numpy()  # noqa: E731
+    unit = lambda t: F.normalize(t.reshape(-1, t.shape[-1]).float(), dim=-1).numpy()
     pca = proj_fit or _fit_pca(unit(pool.features[idx]), seed)
     chosen_set = {int(i) for per in steps.chosen for c in per for i in c}
     proj = {"xy": pca.transform(unit(pool.features[idx])), "cls": pool.label[idx],

@@ -9,10 +9,30 @@ from pathlib import Path
 
 import nbformat
 
-from ..book.build import CHAPTERS, build_html, chapter_order, run_chapters, stage_book, strip_outputs
-from ..book.chapter import BUILTIN_DATASETS, Chapter, chapter_setup, ensure_dataset, repo_root
+from ..book.build import (
+    CHAPTERS,
+    build_html,
+    chapter_order,
+    run_chapters,
+    stage_book,
+    strip_outputs,
+)
+from ..book.chapter import (
+    BUILTIN_DATASETS,
+    Chapter,
+    chapter_setup,
+    ensure_dataset,
+    repo_root,
+)
 from ..book.figures import FIGURES, save_figure
-from ..book.plan import GPU_TFLOPS, book_plan, missing_message, plan_summary, write_book_plan
+from ..book.plan import (
+    GPU_TFLOPS,
+    book_plan,
+    missing_message,
+    plan_summary,
+    write_book_plan,
+)
+from ..book.publish import book_selection, index, publish, published_dir, restore
 from ..config import PROFILES
 from ..errors import PBIPError
 from ..experiments.runner import pending_runs, run_grids
@@ -49,6 +69,11 @@ def book_arguments(p: argparse.ArgumentParser) -> None:
                    help="smoke/demo: run the chapters' missing runs with N local processes before executing them")
     p.add_argument("--no-train", action="store_true",
                    help="chapters never train: a missing run is an error naming it (the paper profile always)")
+    p.add_argument("--fresh", action="store_true",
+                   help="do not copy the published runs (published/PROFILE) into the results folder first: every "
+                        "run the chapters read that is not in the results folder is trained")
+    p.add_argument("--publish", action="store_true",
+                   help="write published/PROFILE from the finished runs of the results folder and exit")
 
 
 def book_main(args: argparse.Namespace) -> int:
@@ -66,9 +91,17 @@ def book_main(args: argparse.Namespace) -> int:
     out = Path(args.out_dir).resolve() if args.out_dir else (root / "results" / "book" / args.profile).resolve()
     if args.plan:
         return _plan(args, root, out, chapters)
+    if args.publish:
+        return _publish(args, root, out)
     work = stage_book(root)          # _build/src: the chapters run and the HTML is built there, never in book/
     if not args.html_only:
         ch = _setup(args, root, out)
+        published = published_dir(root, args.profile)
+        if not args.fresh and args.out_dir is None and (published / "runs").is_dir():
+            n = restore(published, out / "experiments")
+            meta = index(published)
+            print(f"pbip book: {n} published run(s) copied from {published.relative_to(root)} (published "
+                  f"{meta.get('published', '?')}; --fresh trains them instead)", flush=True)
         bp = book_plan(ch, chapters)
         missing = pending_runs(bp.grids, out / "experiments") if bp.grids else []
         if missing and (args.profile == "paper" or args.no_train):
@@ -138,4 +171,16 @@ def figure_main(args: argparse.Namespace) -> int:
     fig = FIGURES[args.name][0](args)
     path = save_figure(fig, args.out, dpi=args.dpi)
     print(f"wrote {path}")
+    return 0
+
+
+def _publish(args: argparse.Namespace, root: Path, out: Path) -> int:
+    """``pbip book --publish``: the small files of the finished runs into ``published/<profile>``."""
+    ch = _setup(args, root, out)
+    masks = book_selection(ch)
+    dest = published_dir(root, args.profile)
+    idx = publish(out / "experiments", dest, masks, command=f"pbip book --publish --profile {args.profile}")
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"published {len(idx['runs'])} runs into {dest.relative_to(root)} ({size / 2**20:.1f} MiB; masks of "
+          f"{len(masks)} runs)")
     return 0

@@ -11,7 +11,13 @@ from ..config import PROFILES, parse_overrides
 from ..errors import ConfigError, DataError, PBIPError
 from ..experiments.executors import EXECUTORS, SUBMITIT_CLUSTERS, SlurmOptions
 from ..experiments.grid import load_grids, plan
-from ..experiments.report import DEFAULT_REPORT_METRICS, compare, parse_selector, selector_text, summary_markdown
+from ..experiments.report import (
+    DEFAULT_REPORT_METRICS,
+    compare,
+    parse_selector,
+    selector_text,
+    summary_markdown,
+)
 from ..experiments.runner import collect, pending_runs, run_grids, run_only
 
 
