@@ -14,6 +14,11 @@ The committed notebooks ``book/*.ipynb`` are never written to (they stay without
    failing chapter leaves the last good executed copy; its partial output goes to ``_build/failed/``. A chapter
    not executed in this run keeps its executed copy from an earlier run (or a clean copy of the committed one).
 3. papermill's ``injected-parameters`` cell is tagged ``remove-cell`` (hidden in the HTML).
+   The kernels run in quiet mode (:data:`QUIET_ENV`: ``PBIP_QUIET=1``, ``TQDM_DISABLE=1``, ``PBIP_REPO_ROOT``): the
+   runner writes its runs' logs into the results folder and prints one line per grid
+   (:func:`pbip_core.experiments.runner.quiet_mode`), with paths relative to the repository; progress-bar widgets
+   that a library still shows are dropped from the executed notebook (:func:`drop_progress_widgets`), so no log
+   and no progress bar reaches a page.
 4. ``jupyter-book build _build/src --path-output .`` writes the HTML to ``_build/html`` (``execute_notebooks: off``);
    ``pbip book --html-only`` (``make html``) does only this step, from the chapters executed before.
 
@@ -30,6 +35,7 @@ a :class:`~pbip_core.config.Config`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +53,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from papermill.exceptions import PapermillExecutionError
 
 from ..errors import ConfigError, PBIPError
-from .chapter import (
-    ROOT_POINTER,  # in SOURCE_DIR: the repository root, relative to SOURCE_DIR
-)
+from .chapter import ROOT_POINTER, find_root  # ROOT_POINTER in SOURCE_DIR: the repository root, relative to it
 
 SOURCE_DIR = Path("_build") / "src"        # where the chapters are executed and the HTML is built from
 BOOK_FILES = ("_config.yml", "_toc.yml")
@@ -112,6 +116,14 @@ INJECTED_TAG = "injected-parameters"
 
 HIDE_TAG = "remove-cell"
 
+#: Environment of the kernels that execute chapters (besides ``PBIP_REPO_ROOT``, the book root): the runner's quiet
+#: mode (logs to files, no progress bars) and tqdm's switch for bars created without an explicit ``disable``.
+QUIET_ENV: dict[str, str] = {"PBIP_QUIET": "1", "TQDM_DISABLE": "1"}
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+PROGRESS_MODELS = ("FloatProgressModel", "IntProgressModel")
+
 
 def kernel_for_this_python(tmp: Path) -> str:
     """Name of a kernelspec that runs this interpreter; returns ``"python3"``.
@@ -146,6 +158,61 @@ def hide_injected_parameters(nb: Any) -> int:
     return n
 
 
+def _model_refs(value: Any) -> set[str]:
+    """Model ids a widget state refers to (``"IPY_MODEL_<id>"`` strings, however deeply nested)."""
+    if isinstance(value, str):
+        return {value[len("IPY_MODEL_"):]} if value.startswith("IPY_MODEL_") else set()
+    if isinstance(value, Mapping):
+        return set().union(*(_model_refs(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_model_refs(v) for v in value)) if value else set()
+    return set()
+
+
+def drop_progress_widgets(nb: Any) -> int:
+    """Remove progress bars (tqdm's notebook bars: an HBox holding a Float/IntProgress, or a bare progress widget)
+    from an executed notebook: their outputs and their models in the saved widget state, with the layout and style
+    models only they use. Returns the number of bars removed. Other widgets (the chapters' sliders) stay."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    if not state:
+        return 0
+    name = {mid: m.get("model_name", "") for mid, m in state.items()}
+    bars = {mid for mid, m in state.items() if name[mid] == "HBoxModel"
+            and any(name.get(c) in PROGRESS_MODELS for c in _model_refs(m.get("state", {}).get("children", [])))}
+    inside = set().union(*(_model_refs(state[b].get("state", {}).get("children", [])) for b in bars)) if bars else set()
+    bars |= {mid for mid in state if name[mid] in PROGRESS_MODELS and mid not in inside}
+    if not bars:
+        return 0
+    drop, frontier = set(), set(bars)
+    while frontier:                                  # the bars and everything they refer to ...
+        drop |= frontier
+        frontier = set().union(*(_model_refs(state[m].get("state", {})) for m in frontier if m in state)) - drop
+    kept_refs = set().union(*(_model_refs(m.get("state", {})) for mid, m in state.items() if mid not in drop))
+    drop -= kept_refs                                # ... unless a widget that stays uses it too
+    for mid in drop:
+        state.pop(mid, None)
+    for cell in nb.cells:
+        if cell.get("cell_type") == "code":
+            cell.outputs = [o for o in cell.get("outputs", [])
+                            if o.get("data", {}).get(WIDGET_VIEW, {}).get("model_id") not in drop]
+    return len(bars)
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set while inside (a kernel started meanwhile inherits it), restored after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def strip_outputs(nb: Any) -> Any:
     """Remove outputs, execution counts, papermill metadata, widget state and the injected cell (for commits)."""
     nb.cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
@@ -167,12 +234,14 @@ def strip_outputs(nb: Any) -> Any:
 
 def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], kernel_name: str,
                     failed_dir: Path, log_output: bool = False, cell_timeout: float | None = None,
-                    source_dir: Path | None = None) -> float:
+                    source_dir: Path | None = None, quiet: bool = True) -> float:
     """Run one chapter with papermill in ``book_dir`` (its cwd); returns the wall time in seconds.
 
     The notebook is read from ``source_dir`` (default ``book_dir``: in place) and the executed copy written to
     ``book_dir``. Raises :class:`PBIPError` naming the chapter and the failing cell; the partial notebook is kept in
-    ``failed_dir`` and ``book_dir``'s notebook is left as it was.
+    ``failed_dir`` and ``book_dir``'s notebook is left as it was. With ``quiet`` the kernel runs with
+    :data:`QUIET_ENV` and ``PBIP_REPO_ROOT`` (the book root of ``book_dir``, its pointer followed) and progress
+    bars are dropped from the executed notebook (:func:`drop_progress_widgets`).
     """
     name = CHAPTERS[chapter][0]
     src_path = (source_dir or book_dir) / name
@@ -181,13 +250,16 @@ def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], ke
     nb_path = book_dir / name
     book_dir.mkdir(parents=True, exist_ok=True)
     tmp = nb_path.with_name(f".{nb_path.stem}.running.ipynb")
+    root = find_root(book_dir) or book_dir.resolve().parent
+    env = {**QUIET_ENV, "PBIP_REPO_ROOT": str(root)} if quiet else {}
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(src_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
-                            cwd=str(book_dir), progress_bar=False, log_output=log_output,
-                            execution_timeout=cell_timeout,
-                            # the kernel's own log (e.g. "running over TCP without encryption") is noise here
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        with _environment(env):
+            pm.execute_notebook(str(src_path), str(tmp), parameters=parameters, kernel_name=kernel_name,
+                                cwd=str(book_dir), progress_bar=False, log_output=log_output,
+                                execution_timeout=cell_timeout,
+                                # the kernel's own log (e.g. "running over TCP without encryption") is noise here
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as e:
         kept = _keep_failed(tmp, failed_dir / nb_path.name)
         first = (e.source or "").strip().splitlines()[:1]
@@ -206,6 +278,8 @@ def execute_chapter(chapter: str, book_dir: Path, parameters: dict[str, Any], ke
         raise
     nb = nbformat.read(tmp, as_version=4)
     hide_injected_parameters(nb)
+    if quiet:
+        drop_progress_widgets(nb)
     nbformat.write(nb, tmp)
     os.replace(tmp, nb_path)
     return time.perf_counter() - t0

@@ -79,15 +79,18 @@ class Chapter:
         return self.builtin == "synth"
 
     def summary(self) -> str:
-        """One line with the resolved parameters (paths relative to the working directory when close by)."""
-        return (f"profile={self.profile} dataset={_short(self.dataset)} encoder={self.encoder} "
-                f"seeds={list(self.seeds)} out_dir={_short(self.out_dir)} device={self.device}"
+        """One line with the resolved parameters; paths relative to the repository root (:func:`repo_root`), so a
+        built page shows no machine path."""
+        return (f"profile={self.profile} dataset={shown_path(self.dataset)} encoder={self.encoder} "
+                f"seeds={list(self.seeds)} out_dir={shown_path(self.out_dir)} device={self.device}"
                 + (f" overrides={self.overrides}" if self.overrides else ""))
 
 
-def _short(path: Path) -> str:
-    rel = os.path.relpath(path, Path.cwd())
-    return str(path) if rel.startswith(os.path.join("..", "..")) else rel
+def shown_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as a reader should see it: relative to ``root`` (default :func:`repo_root`), never absolute
+    (``results/book/demo``; ``../results`` for a results folder beside the repository)."""
+    base = Path(root) if root is not None else repo_root()
+    return os.path.relpath(Path(path).resolve(), base.resolve())
 
 
 def chapter_setup(profile: str = "demo", dataset: str | None = None, encoder: str | None = None,
@@ -155,13 +158,20 @@ def repo_root() -> Path:
     Inside the build copy ``_build/src`` that ``pbip book`` executes the chapters in, its ``.pbip-book-root`` file
     points back to the repository, so ``data/`` and ``results/`` are the repository's.
     """
-    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+    return find_root(Path.cwd()) or Path(__file__).resolve().parents[2]
+
+
+def find_root(start: Path) -> Path | None:
+    """The first folder from ``start`` upwards holding ``_config.yml`` and ``_toc.yml`` (a book root), with its
+    ``.pbip-book-root`` pointer followed (a build copy points at the repository); None when there is none."""
+    start = Path(start).resolve()
+    for base in (start, *start.parents):
         if (base / "_config.yml").is_file() and (base / "_toc.yml").is_file():
             pointer = base / ROOT_POINTER
             if pointer.is_file():
                 return (base / pointer.read_text().strip()).resolve()
             return base
-    return Path(__file__).resolve().parents[2]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- batches

@@ -8,7 +8,9 @@ seeds and trims produced them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,229 @@ def paper_comparison(df: pd.DataFrame, table: str | int, ch: Any, *, key: str = 
 
 
 def show(table: pd.DataFrame, caption: str | None = None) -> Any:
-    """A table for a notebook as HTML: its caption (``caption`` or ``table.attrs["caption"]``) above it, floats with
-    two decimals, missing values as "—", long texts not truncated."""
-    caption = caption if caption is not None else table.attrs.get("caption", "")
-    styled = table.style.format(precision=2, na_rep="—").set_caption(caption).set_table_styles(
-        [{"selector": "caption", "props": "caption-side: top; text-align: left; font-style: italic;"}])
-    return HTML(styled.to_html())
+    """A table for a notebook as HTML (:func:`show_table` with every column in the table and two decimals): its
+    caption (``caption`` or ``table.attrs["caption"]``) above it, missing values as "–", integral numbers as
+    integers, long texts as numbered notes under the table."""
+    return show_table(table, digits=2, caption=caption)
+
+
+# ---------------------------------------------------------------------------------------------------- display
+#: Missing values in a displayed table (NaN, None, and the dashes other helpers write for "no number").
+MISSING = "\u2013"
+_MISSING_TEXT = {"", "—", "–", "nan", "NaN", "None"}
+_NUMBER_TEXT = re.compile(r"^[+\-−–]?\d[\d.,]*(\s*±\s*\d[\d.,]*)?\s*%?$")   # "45.20±1.30", "-0.4", "12 %"
+#: A text cell longer than this many characters becomes a numbered note under the table (its start stays).
+NOTE_CHARS = 40
+
+TABLE_CSS = """<style>
+.pbip-table-wrap { max-width: 100%; overflow-x: auto; margin: 0.4em 0 0.8em 0; }
+div.cell_output table.pbip-table, table.pbip-table { max-width: 100%; width: auto; table-layout: auto;
+  border-collapse: collapse; font-size: 0.78rem; line-height: 1.3; margin: 0; }
+table.pbip-table caption { caption-side: top; text-align: left; font-style: italic; font-size: 0.85rem;
+  padding-bottom: 0.3em; overflow-wrap: anywhere; }
+div.cell_output table.pbip-table th, div.cell_output table.pbip-table td, table.pbip-table th, table.pbip-table td {
+  padding: 0.15em 0.45em; vertical-align: top; text-align: left; white-space: normal; overflow-wrap: anywhere;
+  word-break: break-word; max-width: 22em; }
+table.pbip-table thead th { border-bottom: 1px solid #888; }
+table.pbip-table td.pbip-num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+table.pbip-table sup { font-size: 0.7em; }
+.pbip-notes { font-size: 0.75rem; margin: 0.2em 0 0.6em 0; padding-left: 1.6em; overflow-wrap: anywhere; }
+details.pbip-more > summary { font-size: 0.8rem; cursor: pointer; }
+</style>"""
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    if isinstance(v, str):
+        return v.strip() in _MISSING_TEXT
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):          # arrays, lists: not a missing scalar
+        return False
+
+
+def format_value(v: Any, digits: int = 1) -> str:
+    """A cell as text: missing -> "–", integral numbers (3.0, ``np.int64(20)``) -> "3", "20", other floats with
+    ``digits`` decimals (a nonzero value that would round to 0 with 2 significant digits instead: 0.0012), text as
+    is."""
+    if _is_missing(v):
+        return MISSING
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if not np.isfinite(f):
+            return "∞" if f > 0 else "−∞"
+        if f.is_integer() and abs(f) < 1e15:
+            return str(int(f))
+        if f != 0 and abs(f) < 0.5 * 10 ** -digits:
+            return f"{f:.2g}"
+        return f"{f:.{digits}f}"
+    return str(v)
+
+
+def _digits_of(col: Any, digits: int | Mapping[Any, int]) -> int:
+    if not isinstance(digits, Mapping):
+        return int(digits)
+    for key in (col, col[0] if isinstance(col, tuple) else None, col[-1] if isinstance(col, tuple) else None):
+        if key is not None and key in digits:
+            return int(digits[key])
+    return 1
+
+
+def _label(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def _matches(col: Any, name: Any) -> bool:
+    return col == name or (isinstance(col, tuple) and (col[0] == name or tuple(name if isinstance(name, tuple)
+                                                                                  else (name,)) == col))
+
+
+def _shorten(text: str, n: int) -> str:
+    """The first words of ``text`` within about ``n`` characters, with an ellipsis."""
+    cut = text[:n].rsplit(" ", 1)[0] if " " in text[:n] else text[:n]
+    return cut.rstrip(" ,;:(") + "…"
+
+
+class _Notes:
+    """Numbered notes under a table: explicit ones first, then long cell texts (identical texts share a number)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def add(self, text: str) -> int:
+        if text not in self.texts:
+            self.texts.append(text)
+        return self.texts.index(text) + 1
+
+    def html(self) -> str:
+        if not self.texts:
+            return ""
+        items = "".join(f'<li value="{i}">{_esc(t)}</li>' for i, t in enumerate(self.texts, 1))
+        return f'<ol class="pbip-notes">{items}</ol>'
+
+
+def _esc(v: Any) -> str:
+    return html_escape(str(v), quote=True)
+
+
+def _sup(n: int) -> str:
+    return f"<sup>{n}</sup>"
+
+
+def _header_html(columns: pd.Index, index_names: Sequence[str], col_notes: Mapping[Any, int]) -> str:
+    """``<thead>``: one row per column level (consecutive equal labels merged), the index names on the left."""
+    levels = columns.nlevels
+    tuples = [c if isinstance(c, tuple) else (c,) for c in columns]
+    rows = []
+    for lev in range(levels):
+        cells = [f'<th rowspan="{levels}">{_esc(n)}</th>' for n in index_names] if lev == 0 else []
+        j = 0
+        while j < len(tuples):
+            k = j + 1
+            while k < len(tuples) and tuples[k][: lev + 1] == tuples[j][: lev + 1] and lev < levels - 1:
+                k += 1
+            prefix = tuples[j][: lev + 1]
+            note = col_notes.get(prefix) or (col_notes.get(prefix[0]) if lev == 0 else None)
+            span = f' colspan="{k - j}"' if k - j > 1 else ""
+            cells.append(f"<th{span}>{_esc(_label(tuples[j][lev]))}{_sup(note) if note else ''}</th>")
+            j = k
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return "<thead>" + "".join(rows) + "</thead>"
+
+
+def _table_html(df: pd.DataFrame, show_index: bool, digits: int | Mapping[Any, int], notes: _Notes,
+                col_notes: Mapping[Any, int], row_notes: Mapping[Any, int], note_chars: int,
+                caption: str = "") -> str:
+    index_names = [_label(n) for n in df.index.names] if show_index else []
+    body = []
+    prev: tuple = ()
+    for key, row in zip(df.index, df.itertuples(index=False, name=None)):
+        cells = []
+        if show_index:
+            parts = key if isinstance(key, tuple) else (key,)
+            for lev, part in enumerate(parts):        # a repeated outer label is shown once
+                same = len(prev) == len(parts) and prev[: lev + 1] == parts[: lev + 1] and lev < len(parts) - 1
+                note = row_notes.get(key) if lev == len(parts) - 1 else None
+                cells.append(f"<th>{'' if same else _esc(_label(part))}{_sup(note) if note else ''}</th>")
+            prev = parts
+        for col, v in zip(df.columns, row):
+            text = format_value(v, _digits_of(col, digits))
+            numeric = (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                       or bool(_NUMBER_TEXT.match(text)))
+            if isinstance(v, str) and len(text) > note_chars:
+                cells.append(f"<td>{_esc(_shorten(text, note_chars // 2))}{_sup(notes.add(text))}</td>")
+            else:
+                cells.append(f'<td class="pbip-num">{_esc(text)}</td>' if numeric or text == MISSING
+                             else f"<td>{_esc(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    cap = f"<caption>{_esc(caption)}</caption>" if caption else ""
+    return (f'<div class="pbip-table-wrap"><table class="pbip-table">{cap}'
+            f"{_header_html(df.columns, index_names, col_notes)}<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def table_html(df: pd.DataFrame, *, main: Sequence[Any] | None = None, digits: int | Mapping[Any, int] = 1,
+               notes: Mapping[Any, str] | Sequence[str] = (), caption: str | None = None,
+               index: bool | None = None, drop_empty: bool = True, note_chars: int = NOTE_CHARS) -> str:
+    """The HTML of :func:`show_table` (a string: CSS, the table, its notes and the collapsible other columns)."""
+    if not isinstance(df, pd.DataFrame):
+        df = pd.DataFrame(df)
+    caption = caption if caption is not None else str(df.attrs.get("caption", "") or "")
+    show_index = index if index is not None else not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
+    if drop_empty and len(df.columns):
+        df = df[~df.apply(lambda r: all(_is_missing(v) for v in r), axis=1)]
+    if main is None:
+        main_cols = list(df.columns)
+    else:
+        main_cols = [c for c in df.columns if any(_matches(c, m) for m in main)]
+        unknown = [m for m in main if not any(_matches(c, m) for c in df.columns)]
+        if unknown:
+            raise KeyError(f"show_table: main columns not in the table: {unknown}; columns are {list(df.columns)}")
+    rest = [c for c in df.columns if c not in main_cols]
+    box = _Notes()
+    col_notes: dict[Any, int] = {}
+    row_notes: dict[Any, int] = {}
+    if isinstance(notes, Mapping):
+        for key, text in notes.items():
+            if any(_matches(c, key) for c in df.columns):
+                col_notes[key if isinstance(key, tuple) else (key,)] = box.add(str(text))
+            elif key in df.index:
+                row_notes[key] = box.add(str(text))
+            else:
+                box.add(f"{key}: {text}")
+    else:
+        for text in ([notes] if isinstance(notes, str) else notes):
+            box.add(str(text))
+    parts = [_table_html(df[main_cols], show_index, digits, box, col_notes, row_notes, note_chars, caption)]
+    if rest:
+        names = ", ".join(_label(c if not isinstance(c, tuple) else " ".join(map(_label, c))) for c in rest)
+        names = names if len(names) <= 80 else _shorten(names, 80)
+        inner = _table_html(df[rest], show_index, digits, box, col_notes, row_notes, note_chars)
+        parts.append(f'<details class="pbip-more"><summary>{len(rest)} more column{"s" if len(rest) > 1 else ""}: '
+                     f"{_esc(names)}</summary>{inner}</details>")
+    return TABLE_CSS + "".join(parts) + box.html()
+
+
+def show_table(df: pd.DataFrame, *, main: Sequence[Any] | None = None, digits: int | Mapping[Any, int] = 1,
+               notes: Mapping[Any, str] | Sequence[str] = (), caption: str | None = None,
+               index: bool | None = None, drop_empty: bool = True, note_chars: int = NOTE_CHARS) -> HTML:
+    """A table that fits the page, as an IPython :class:`~IPython.display.HTML` object.
+
+    ``main``: the columns shown in the table (names; for two-level columns a top-level name selects its group;
+    None = all); the other columns go into a collapsible ``<details>`` table below it. Numbers: integral values as
+    integers (K = 3, N_K = 20), other floats with ``digits`` decimals (or a mapping column -> decimals, default 1),
+    missing values as "–". Text cells longer than ``note_chars`` keep their first words and move to numbered notes
+    under the table; ``notes`` adds notes: a list of texts, or a mapping column (or row label) -> text that puts the
+    note's number on that header. ``caption``: above the table (default ``df.attrs["caption"]``). ``index``: show
+    the index (default: unless it is an unnamed range). ``drop_empty``: leave out rows without any value. The CSS
+    wraps text, keeps the table within the content width and uses a small font.
+    """
+    return HTML(table_html(df, main=main, digits=digits, notes=notes, caption=caption, index=index,
+                           drop_empty=drop_empty, note_chars=note_chars))
 
 
 def ours_table(df: pd.DataFrame, key: str = "variant", stage: str = "stage1", split: str = "test",

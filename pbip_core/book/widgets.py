@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,12 @@ from scipy.ndimage import gaussian_filter
 from ..engine.bank import Pool
 from ..method.bank import build_prototypes
 from ..method.model import adaptive_threshold, fg_bg_masks
-from .figures import PCA, feature_projection, similarity_heatmap
+from .figures import FONT, PAGE_WIDTH_IN, PCA, feature_projection, frame_image, similarity_heatmap
 from .tables import cosine_matrix
 
 DELTA_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(15))
+#: Resolution of the pre-rendered explorer figures (96 = one figure pixel per page pixel).
+EXPLORER_DPI = 96
 
 
 def threshold_mask(cam: np.ndarray, delta: float) -> np.ndarray:
@@ -74,25 +77,39 @@ def demo_cam(mask: np.ndarray, cls: int, seed: int = 0, blur: float = 3.0, noise
     return ((m - m.min()) / (np.ptp(m) + 1e-8)).astype(np.float32)
 
 
-def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = ""):
-    """2 x 2 panels: the CAM M with the contour M = tau, the binary mask b, X_FG and X_BG (eq. 4-5)."""
+def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = "", gt: np.ndarray | None = None):
+    """2 x 2 panels: the CAM M with the contour M = tau, the binary mask b, X_FG and X_BG (eq. 4-5).
+
+    ``gt``: optional ``(H, W)`` bool mask of the class in the ground truth; its boundary is drawn (dashed green) on
+    M and on b, so the cut can be compared with the truth. Every panel has a frame (b is often almost all white).
+    """
     b = threshold_mask(cam, delta)
     fg, bg = separate(image, cam, delta)
-    fig, axes = plt.subplots(2, 2, figsize=(6.4, 6.6), dpi=80)
+    fig, axes = plt.subplots(2, 2, figsize=(6.4, 7.0), dpi=EXPLORER_DPI, layout="constrained")
     (a_m, a_b), (a_fg, a_bg) = axes
     a_m.imshow(cam, cmap="magma", vmin=0, vmax=1)
-    if 0 < b.mean() < 1:
-        a_m.contour(b.astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
     a_b.imshow(b, cmap="gray", vmin=0, vmax=1)
     a_fg.imshow(fg)
     a_bg.imshow(bg)
-    labels = [rf"$M$ and the contour $M = \tau = {delta:.2f} \max M$", f"$b$: {100 * b.mean():.0f} % foreground",
+    if 0 < b.mean() < 1:
+        a_m.contour(b.astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
+    handles = [Line2D([], [], color="cyan", lw=1.2, label=r"$M = \tau$")]
+    if gt is not None:
+        gt = np.asarray(gt).astype(bool)
+        if gt.shape != b.shape:
+            raise ValueError(f"delta_figure: gt {gt.shape} and cam {b.shape} differ in size")
+        if 0 < gt.mean() < 1:
+            for ax in (a_m, a_b):
+                ax.contour(gt.astype(float), levels=[0.5], colors="lime", linewidths=1.4, linestyles="--")
+        handles.append(Line2D([], [], color="lime", lw=1.4, ls="--", label="ground truth of the class"))
+    labels = [rf"$M$, contour $M = \tau = {delta:.2f} \max M$", f"$b$: {100 * b.mean():.0f} % foreground",
               r"$X_{FG} = b \cdot M \cdot X$", r"$X_{BG} = (1-b) \cdot (1-M) \cdot X$"]
     for ax, label in zip(axes.ravel(), labels):
-        ax.set_title(label, fontsize=11)
-        ax.set_axis_off()
-    fig.suptitle(title or rf"$\delta = {delta:.2f}$", fontsize=12)
-    fig.tight_layout()
+        ax.set_title(label, fontsize=FONT["label"] + 1)
+        frame_image(ax)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
+               fontsize=FONT["label"] + 1)
+    fig.suptitle(title or rf"$\delta = {delta:.2f}$", fontsize=FONT["suptitle"] + 1)
     return fig
 
 
@@ -122,27 +139,29 @@ def static_explorer(pages: Sequence[tuple[str, str]], index: int = 0, descriptio
 
 
 def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] = DELTA_GRID,
-                   value: float = 0.15, title: str = ""):
+                   value: float = 0.15, title: str = "", gt: np.ndarray | None = None):
     """A delta slider that also works in the static HTML book (no kernel).
 
-    One figure per value of ``deltas`` is rendered now; the slider's index is linked in the browser to a
-    :class:`ipywidgets.Stack` holding them (:func:`static_explorer`). Returns an :class:`ipywidgets.VBox`.
+    One figure per value of ``deltas`` is rendered now (:func:`delta_figure`, with the ground-truth boundary when
+    ``gt`` is given); the slider's index is linked in the browser to a :class:`ipywidgets.Stack` holding them
+    (:func:`static_explorer`). Returns an :class:`ipywidgets.VBox`.
     """
     deltas = [round(float(d), 4) for d in deltas]
     if not deltas:
         raise ValueError("deltas must not be empty")
     start = int(np.argmin([abs(d - value) for d in deltas]))
-    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title), f"eq. 4-5 at delta {d:.2f}"))
+    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title, gt), f"eq. 4-5 at delta {d:.2f}"))
              for d in deltas]
     return static_explorer(pages, start, "δ")
 
 
-def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, title: str = ""):
+def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, title: str = "",
+                   gt: np.ndarray | None = None):
     """A live FloatSlider for delta in [0, 1] that redraws :func:`delta_figure` in the kernel (JupyterLab)."""
     slider = w.FloatSlider(value=value, min=0.0, max=1.0, step=0.01, description="δ", continuous_update=False)
 
     def show(delta: float) -> None:
-        delta_figure(image, cam, delta, title)
+        delta_figure(image, cam, delta, title, gt)
         plt.show()
 
     return w.interactive(show, delta=slider)
@@ -169,11 +188,11 @@ def bank_figure(pool: Pool, k: int, nk: int, palette, seed: int = 0, proj_fit=No
             "cluster": np.concatenate(steps.assign), "proto_xy": pca.transform(unit(steps.prototypes)),
             "proto_cls": np.repeat(np.arange(len(pool.classes)), k),
             "proto_k": np.tile(np.arange(k), len(pool.classes))}
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.8), dpi=80, gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 3.9), dpi=EXPLORER_DPI, layout="constrained",
+                               gridspec_kw={"width_ratios": [1.25, 1]})
     feature_projection(proj, pool.classes, palette, np.array([int(i) in chosen_set for i in idx]), ax=a,
-                       title=f"K = {k}, N_K = {nk or 'all'}: sub-banks bright, other images faded")
+                       title=f"K = {k}, N_K = {nk or 'all'}:\nsub-banks bright, other images faded")
     similarity_heatmap(cosine_matrix(steps.prototypes), pool.classes, k, ax=b, annotate=False)
-    fig.tight_layout()
     return fig
 
 

@@ -20,6 +20,12 @@ copied to another machine or path is reused there.
 
 Where runs execute: :mod:`pbip_core.experiments.executors` (this process, local processes, Slurm via submitit).
 
+Quiet mode (``PBIP_QUIET=1``; ``pbip book`` sets it in the chapters' kernels): no progress bars, each run's printed
+output goes to ``runs/<hash>/run.log`` and the runner's own lines to ``RESULTS/logs/<grid>.log``; a call prints one
+line per grid, e.g. ``pbip run: book-table1: 9 runs, 9 reused, 0 trained (log: results/.../logs/book-table1.log)``,
+with the path relative to ``PBIP_REPO_ROOT`` (default: the working directory). Without it (a terminal, JupyterLab)
+everything is printed as it happens, progress bars included.
+
 Command line: ``pbip run GRID_OR_PLAN.yaml [--profile P] [--dataset D] [--dry-run] [--executor local|slurm]
 [--jobs N] [--only HASH] [--hashes] [--collect] [--results DIR]``.
 """
@@ -32,6 +38,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -61,6 +68,55 @@ ID_COLUMNS = ["grid", "hash", "dataset", "method", "variant", "seed", "aliases",
               "dataset_id", "device", "weights", "code", "error"]
 Step = Callable[[RunSpec, Path], Mapping[str, Any]]
 ROW_FILE = "row.json"
+RUN_LOG = "run.log"                 # a run's printed output in quiet mode: RESULTS/runs/<hash>/run.log
+QUIET_ENV = "PBIP_QUIET"            # "1": quiet mode (pbip book sets it for the chapters it executes)
+ROOT_ENV = "PBIP_REPO_ROOT"         # quiet summaries show paths relative to this folder (default: the cwd)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def quiet_mode() -> bool:
+    """True when ``PBIP_QUIET`` is set to 1 / true / yes / on: runs print into log files, without progress bars."""
+    return os.environ.get(QUIET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to ``PBIP_REPO_ROOT`` (or the working directory) for a printed line: no machine path."""
+    return os.path.relpath(Path(path).resolve(), Path(os.environ.get(ROOT_ENV) or os.getcwd()).resolve())
+
+
+def grid_log_path(grids: Sequence[Grid], results_dir: str | Path) -> Path:
+    """``RESULTS/logs/<grid>.log`` (``pbip-run.log`` for a plan of several grids): the runner's lines in quiet mode."""
+    name = grids[0].name if len(grids) == 1 else "pbip-run"
+    return Path(results_dir) / "logs" / f"{name}.log"
+
+
+@contextlib.contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """While inside, this process's printed output (``sys.stdout``, ``sys.stderr``: prints, warnings, text progress
+    bars) is appended to ``path``; ``None`` changes nothing."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        yield
+
+
+def summary_line(grid: Grid, specs: Sequence[RunSpec], done_before: set[str], df: pd.DataFrame,
+                 log: Path | None) -> str:
+    """One line for a grid in quiet mode: how many runs were reused (finished before), trained now, failed, or left
+    to another process, and where the log is."""
+    status = dict(zip(df["hash"], df["status"])) if len(df) else {}
+    n = len(specs)
+    reused = sum(s.hash in done_before for s in specs)
+    now = [s for s in specs if s.hash not in done_before]
+    trained = sum(status.get(s.hash) == "ok" for s in now)
+    failed = sum(status.get(s.hash) == "failed" for s in now)
+    other = len(now) - trained - failed
+    parts = [f"{n} run{'s' if n != 1 else ''}", f"{reused} reused", f"{trained} trained"]
+    parts += [f"{failed} failed"] if failed else []
+    parts += [f"{other} left to another process"] if other else []
+    return f"pbip run: {grid.name}: " + ", ".join(parts) + (f" (log: {shown_path(log)})" if log else "")
 
 
 # ---------------------------------------------------------------------------------------------------- results table
@@ -199,27 +255,29 @@ def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "resul
     """The real pipeline of one run; returns the flat metric columns."""
     cfg, data = spec.cfg, spec.dataset
     device = device_for(cfg)                  # the paper profile stops here on a CPU (unless train.allow_cpu)
+    progress = not quiet_mode()               # progress bars, except in quiet mode (pbip book)
     bank_path = bank_path_for(spec, results_dir)
     with _locked(bank_path):  # two parallel runs on one dataset build its bank once
         if not bank_path.is_file():
-            save_bank(build_bank(data, cfg.bank, cache_dir=bank_path.parent / "cache", device=device), bank_path)
+            save_bank(build_bank(data, cfg.bank, cache_dir=bank_path.parent / "cache", device=device,
+                                 progress=progress), bank_path)
     s1 = run_dir / "stage1"
-    train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file(), device=device)
+    train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file(), device=device, progress=progress)
     out: dict[str, Any] = {}
     for split in spec.splits:  # val/test: cfg.pseudo.labels and the cfg.pseudo.test_checkpoint weights
         ckpt = "last.pt" if (split != "train" and cfg.pseudo.test_checkpoint == "last") else "best.pt"
         masks = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}", cfg.pseudo.labels, device=device,
-                                   checkpoint=ckpt)
+                                   checkpoint=ckpt, progress=progress)
         if split != "train" and cfg.pseudo.labels == "gt":   # the same masks with the classifier's own classes
             pred = write_pseudo_masks(s1, data, split, run_dir / f"pseudo_{split}_predicted", "predicted",
-                                      device=device, checkpoint=ckpt)
+                                      device=device, checkpoint=ckpt, progress=progress)
             out.update(flatten_metrics("stage1_predicted", split, evaluate_dir(pred, data, split)))
         if split != "train":
             out.update(flatten_metrics("stage1", split, evaluate_dir(masks, data, split)))
     if spec.stage2:
         masks = run_dir / "pseudo_train"
         if "train" not in spec.splits:
-            masks = write_pseudo_masks(s1, data, "train", masks, device=device)
+            masks = write_pseudo_masks(s1, data, "train", masks, device=device, progress=progress)
         s2 = run_dir / "stage2"
         res = train_stage2(cfg, data, masks, s2, resume=(s2 / "last.pt").is_file(), device=device)
         for split in ("val", "test"):
@@ -241,7 +299,7 @@ def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None, re
 
     A run whose folder another live process holds (a second ``pbip run`` on the same grid), or that is finished
     already (unless ``rerun``: ``--rerun-stale``), is skipped: the returned row has status ``skipped`` and nothing is
-    written for it.
+    written for it. In quiet mode (:func:`quiet_mode`) the run's printed output goes to ``runs/<hash>/run.log``.
     """
     results_dir = Path(results_dir)
     run_dir = results_dir / "runs" / spec.hash
@@ -255,7 +313,8 @@ def execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None, re
         if not rerun and (read_row(results_dir, spec.hash) or {}).get("status") == "ok":
             print(f"pbip run: {spec.label} skipped: finished by another process meanwhile", flush=True)
             return {**skipped, "error": "finished by another process"}
-        return _execute(spec, results_dir, step)
+        with output_to(run_dir / RUN_LOG if quiet_mode() else None):
+            return _execute(spec, results_dir, step)
 
 
 def _execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -> dict[str, Any]:
@@ -322,19 +381,41 @@ def run_grids(grids: Sequence[Grid], results_dir: str | Path = "results", jobs: 
     is missing and runs nothing. ``rerun_stale`` also redoes finished runs recorded with other code
     (:func:`stale_runs`). Runs another live process holds are skipped (that process writes their rows); with
     ``wait`` (local executor), this call waits for them, checking every ``poll_s`` seconds, and runs any that the
-    other process did not finish.
+    other process did not finish. In quiet mode (:func:`quiet_mode`) the runner's lines go to
+    :func:`grid_log_path` and one :func:`summary_line` per grid is printed.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    specs_by_grid = {g.name: plan(g) for g in grids}
     if dry_run:
         frames = {}
         for g in grids:
-            text, frames[g.name] = dry_run_report(g, specs_by_grid[g.name], results_dir)
+            text, frames[g.name] = dry_run_report(g, plan(g), results_dir)
             print(text)
         return frames
+    log = grid_log_path(grids, results_dir) if quiet_mode() else None
+    with output_to(log):                              # plan()'s notes too
+        if log is not None:
+            print(f"== {time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()}", flush=True)
+        specs_by_grid = {g.name: plan(g) for g in grids}
     unique = _unique(specs_by_grid)
     done = done_runs(unique, results_dir)
+    frames: dict[str, pd.DataFrame] = {}
+    try:
+        with output_to(log):
+            _run_pending(grids, specs_by_grid, unique, done, results_dir, jobs, step, executor, slurm, rerun_stale,
+                         wait, poll_s)
+    finally:
+        frames = {g.name: collect(g, specs_by_grid[g.name], results_dir) for g in grids}
+        if log is not None:
+            for g in grids:
+                print(summary_line(g, specs_by_grid[g.name], done, frames[g.name], log), flush=True)
+    return frames
+
+
+def _run_pending(grids: Sequence[Grid], specs_by_grid: Mapping[str, Sequence[RunSpec]], unique: Sequence[RunSpec],
+                 done: set[str], results_dir: str | Path, jobs: int | None, step: Step | None, executor: str,
+                 slurm: SlurmOptions | None, rerun_stale: bool, wait: bool, poll_s: float) -> None:
+    """Run the runs of ``unique`` that are not ``done`` (and stale ones with ``rerun_stale``) on ``executor``."""
     stale = set(stale_runs(unique, results_dir))
     if stale:
         print(f"pbip run: note: {len(stale)} finished run(s) were computed by other code (code digest differs, method "
@@ -347,20 +428,16 @@ def run_grids(grids: Sequence[Grid], results_dir: str | Path = "results", jobs: 
     print(f"pbip run: {'grid' if len(grids) == 1 else f'{len(grids)} grids'} {names}: {len(unique)} runs, "
           f"{len(unique) - len(todo)} done, {len(todo)} to run -> {Path(results_dir)}", flush=True)
     work = functools.partial(execute, results_dir=results_dir, step=step, rerun=rerun_stale)
-    try:
-        if todo and executor == "slurm":
-            run_submitit(todo, work, results_dir, slurm, jobs)
-        elif todo:
-            rows = run_local(todo, work, jobs)
-            held = {r["hash"] for r in rows if r.get("claimed")}
-            if wait and held:
-                _wait_for([s for s in todo if s.hash in held], results_dir, step, poll_s)
-            elif held:
-                print(f"pbip run: {len(held)} run(s) skipped: held by another process (it writes their rows)",
-                      flush=True)
-    finally:
-        frames = {g.name: collect(g, specs_by_grid[g.name], results_dir) for g in grids}
-    return frames
+    if todo and executor == "slurm":
+        run_submitit(todo, work, results_dir, slurm, jobs)
+    elif todo:
+        rows = run_local(todo, work, jobs)
+        held = {r["hash"] for r in rows if r.get("claimed")}
+        if wait and held:
+            _wait_for([s for s in todo if s.hash in held], results_dir, step, poll_s)
+        elif held:
+            print(f"pbip run: {len(held)} run(s) skipped: held by another process (it writes their rows)",
+                  flush=True)
 
 
 def _wait_for(specs: list[RunSpec], results_dir: str | Path, step: Step | None, poll_s: float
