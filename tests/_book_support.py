@@ -16,10 +16,12 @@ from typing import Any
 import nbformat
 
 from pbip_core.book import build as book
+from pbip_core.data.ebhi_seg import import_ebhi_seg
 
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_TIMEOUT = 600
+EBHI_FIXTURE = ROOT / "tests" / "fixtures" / "ebhi-seg"      # 12 real pairs, CC BY 4.0 (its ATTRIBUTION.md)
 
 _state: dict[str, Any] = {"root": None, "results": {}, "kernel": None}
 
@@ -35,6 +37,8 @@ def book_copy() -> Path:
             shutil.copy2(ROOT / name, root / name)
         shutil.copytree(ROOT / "book", root / "book",
                         ignore=shutil.ignore_patterns("_static", ".*", "_build", "*.running.ipynb"))
+        # chapter 10 (and the intro) read data/ebhi-seg of the book root: the 12 real EBHI-Seg pairs of the fixture
+        import_ebhi_seg(EBHI_FIXTURE, root / "data" / "ebhi-seg")
         _state["root"] = root
         _state["kernel"] = book.kernel_for_this_python(tmp / "kernels")
     return _state["root"]

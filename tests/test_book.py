@@ -19,7 +19,13 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from _book_support import ROOT, book_copy, outputs, run_chapter, texts
 from pbip_core.book import build as book
 from pbip_core.book import chapter, vendor
+from pbip_core.cli import build_parser
 from pbip_core.cli.book import book_main
+
+
+def _book_args(*argv: str) -> argparse.Namespace:
+    """``pbip book ARGV`` parsed by the real parser (every option present with its default)."""
+    return build_parser("book").parse_args(["book", *argv])
 from pbip_core.engine.bank import OFFICIAL_PROTOTYPES
 from pbip_core.errors import ConfigError, PBIPError
 
@@ -103,8 +109,7 @@ def test_strip_command_on_a_copy(tmp_path):
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(1, new_code_cell("x = 1", metadata={"tags": ["injected-parameters"]}))
     nbformat.write(nb, path)
-    args = argparse.Namespace(book_root=str(root), chapters="02", no_deps=True, strip=True)
-    assert book_main(args) == 0
+    assert book_main(_book_args("--book-root", str(root), "--chapters", "02", "--no-deps", "--strip")) == 0
     stripped = nbformat.read(path, as_version=4)
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in stripped.cells)
     assert len(stripped.cells) == len(nb.cells) - 1
@@ -207,9 +212,8 @@ def test_pbip_book_leaves_the_committed_notebooks_untouched(tmp_path, monkeypatc
     nbformat.write(nb, path)
     before = path.read_bytes()
     monkeypatch.setitem(book.CHAPTERS, "77", ("77_tiny.ipynb", ()))
-    args = argparse.Namespace(book_root=str(root), chapters="77", no_deps=True, strip=False, html_only=False,
-                              no_html=True, out_dir=str(tmp_path / "res"), profile="smoke", log_output=False,
-                              strict=False)
+    args = _book_args("--book-root", str(root), "--chapters", "77", "--no-deps", "--no-html",
+                      "--out-dir", str(tmp_path / "res"), "--profile", "smoke")
     assert book_main(args) == 0
     assert path.read_bytes() == before, "the committed notebook is not rewritten"
     executed = nbformat.read(root / "_build" / "src" / "book" / "77_tiny.ipynb", as_version=4)

@@ -100,7 +100,7 @@ def sentence(c: Contrast, label_a: str | None = None, label_b: str | None = None
     tests = [f"Welch p = {_p(c.p_welch)}"] if not math.isnan(c.p_welch) else []
     if not math.isnan(c.p_paired):
         tests.append(f"paired p = {_p(c.p_paired)}")
-    n = f"{c.pairs} seeds" if c.pairs else f"{c.n_a} and {c.n_b} runs"
+    n = (f"{c.pairs} seed{'s' if c.pairs != 1 else ''}" if c.pairs else f"{c.n_a} and {c.n_b} runs")
     inner = "; ".join([f"{c.diff:+.1f} pp", *stats_, ", ".join(tests), n] if tests else [f"{c.diff:+.1f} pp", n])
     return f"{la} {c.mean_a:.1f} % vs {lb} {c.mean_b:.1f} % ({inner})"
 
@@ -376,8 +376,11 @@ def zero_shot_sentences(ran: pd.DataFrame, dataset: str = "bcss-wsss") -> list[s
 
 # ---------------------------------------------------------------------------------------------------- chapter 10
 def split_sizes(root: str | Path) -> dict[str, int]:
-    """Images per split of a dataset folder."""
-    return {s: sum(1 for p in Path(root, s).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Images per split of a dataset folder (``train/*``; ``val/img/*``, ``test/img/*``)."""
+    def folder(split: str) -> Path:
+        return Path(root, split, "img") if Path(root, split, "img").is_dir() else Path(root, split)
+
+    return {s: sum(1 for p in folder(s).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             for s in ("train", "val", "test") if Path(root, s).is_dir()}
 
 

@@ -47,7 +47,7 @@ CHAPTER_GRIDS: dict[str, tuple[str, ...]] = {
            "book-table2-demo-size"),
     "09": ("book-official",),
     "10": ("book-ebhi",),
-    "00": ("book-table1", "book-table2-demo-size", "book-ebhi"),
+    "00": ("book-table1", "book-ebhi"),
 }
 
 #: Book grids that run on a dataset of their own instead of the book's ``dataset`` parameter: grid -> the manifest's

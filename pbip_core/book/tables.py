@@ -61,8 +61,10 @@ def trims(grid: Any) -> dict[str, Any]:
 def provenance(ch: Any, grid: Any, what: str = "") -> str:
     """One sentence: profile, dataset, encoder, backbone, epochs (and stage 2), seeds, trims and what is scored."""
     cfg = make_config(grid.profile, {**grid.overrides})
-    dataset = Path(ch.dataset).name + (" (synthetic stand-in for BCSS-WSSS)" if ch.synthetic else
-                                       " (real Kather 2016 H&E tiles, BCSS-WSSS's classes)" if ch.builtin else "")
+    name = Path(grid.datasets[0]).name if grid.datasets else Path(ch.dataset).name
+    own = name == Path(ch.dataset).name                   # the chapter's dataset, not a grid's own (GRID_DATASETS)
+    dataset = name + (" (synthetic stand-in for BCSS-WSSS)" if own and ch.synthetic else
+                      " (real Kather 2016 H&E tiles, BCSS-WSSS's classes)" if own and ch.builtin else "")
     trim = ", ".join(f"{k}={v}" for k, v in trims(grid).items()) or "none"
     s2 = cfg.stage2
     stage2 = (f", stage 2: DeepLab-v2 on {s2.backbone} ({'pretrained' if s2.pretrained else 'random init'}), "
