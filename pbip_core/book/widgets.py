@@ -51,13 +51,16 @@ def threshold_mask(cam: np.ndarray, delta: float) -> np.ndarray:
     return b.reshape(m.shape).numpy() > 0.5
 
 
-def separate(image: np.ndarray, cam: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+def separate(image: np.ndarray, cam: np.ndarray, delta: float,
+             cut: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Eq. 5 for one class map: ``X_FG = b M X`` and ``X_BG = (1 - b)(1 - M) X`` (:func:`~pbip_core.method.model.fg_bg_masks`).
 
-    ``image``: ``(H, W, 3)`` uint8; ``cam``: ``(H, W)`` in [0, 1]. Returns two ``(H, W, 3)`` uint8 images.
+    ``image``: ``(H, W, 3)`` uint8; ``cam``: ``(H, W)`` M in [0, 1]; ``cut``: the ``(H, W)`` map eq. 4 thresholds
+    (``model.threshold_map``: M' for ``fused``, the default of the book; None: M itself, ``minmax``).
+    Returns two ``(H, W, 3)`` uint8 images.
     """
     m = torch.as_tensor(np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0))
-    b = torch.as_tensor(threshold_mask(m.numpy(), delta).astype(np.float32))
+    b = torch.as_tensor(threshold_mask(m.numpy() if cut is None else cut, delta).astype(np.float32))
     fg, bg = fg_bg_masks(m, b)                                       # (H, W) soft masks
     x = np.asarray(image, dtype=np.float32)
     return ((fg.numpy()[..., None] * x).round().astype(np.uint8), (bg.numpy()[..., None] * x).round().astype(np.uint8))
@@ -77,14 +80,17 @@ def demo_cam(mask: np.ndarray, cls: int, seed: int = 0, blur: float = 3.0, noise
     return ((m - m.min()) / (np.ptp(m) + 1e-8)).astype(np.float32)
 
 
-def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = "", gt: np.ndarray | None = None):
-    """2 x 2 panels: the CAM M with the contour M = tau, the binary mask b, X_FG and X_BG (eq. 4-5).
+def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = "", gt: np.ndarray | None = None,
+                 cut: np.ndarray | None = None):
+    """2 x 2 panels: the CAM M with the contour of eq. 4's cut (of ``cut``, M' by the book's default reading, else of
+    M itself), the binary mask b, X_FG and X_BG (eq. 4-5).
 
     ``gt``: optional ``(H, W)`` bool mask of the class in the ground truth; its boundary is drawn (dashed green) on
     M and on b, so the cut can be compared with the truth. Every panel has a frame (b is often almost all white).
     """
-    b = threshold_mask(cam, delta)
-    fg, bg = separate(image, cam, delta)
+    b = threshold_mask(cam if cut is None else cut, delta)
+    fg, bg = separate(image, cam, delta, cut)
+    cut_name = "M" if cut is None else "M'"                       # the map eq. 4 thresholds
     fig, axes = plt.subplots(2, 2, figsize=(6.4, 7.0), dpi=EXPLORER_DPI, layout="constrained")
     (a_m, a_b), (a_fg, a_bg) = axes
     a_m.imshow(cam, cmap="magma", vmin=0, vmax=1)
@@ -93,7 +99,7 @@ def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = 
     a_bg.imshow(bg)
     if 0 < b.mean() < 1:
         a_m.contour(b.astype(float), levels=[0.5], colors="cyan", linewidths=1.2)
-    handles = [Line2D([], [], color="cyan", lw=1.2, label=r"$M = \tau$")]
+    handles = [Line2D([], [], color="cyan", lw=1.2, label=rf"${cut_name} = \tau$")]
     if gt is not None:
         gt = np.asarray(gt).astype(bool)
         if gt.shape != b.shape:
@@ -102,7 +108,7 @@ def delta_figure(image: np.ndarray, cam: np.ndarray, delta: float, title: str = 
             for ax in (a_m, a_b):
                 ax.contour(gt.astype(float), levels=[0.5], colors="lime", linewidths=1.4, linestyles="--")
         handles.append(Line2D([], [], color="lime", lw=1.4, ls="--", label="ground truth of the class"))
-    labels = [rf"$M$, contour $M = \tau = {delta:.2f} \max M$", f"$b$: {100 * b.mean():.0f} % foreground",
+    labels = [rf"$M$, contour ${cut_name} = \tau = {delta:.2f} \max {cut_name}$", f"$b$: {100 * b.mean():.0f} % foreground",
               r"$X_{FG} = b \cdot M \cdot X$", r"$X_{BG} = (1-b) \cdot (1-M) \cdot X$"]
     for ax, label in zip(axes.ravel(), labels):
         ax.set_title(label, fontsize=FONT["label"] + 1)
@@ -139,7 +145,8 @@ def static_explorer(pages: Sequence[tuple[str, str]], index: int = 0, descriptio
 
 
 def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] = DELTA_GRID,
-                   value: float = 0.15, title: str = "", gt: np.ndarray | None = None):
+                   value: float = 0.15, title: str = "", gt: np.ndarray | None = None,
+                   cut: np.ndarray | None = None):
     """A delta slider that also works in the static HTML book (no kernel).
 
     One figure per value of ``deltas`` is rendered now (:func:`delta_figure`, with the ground-truth boundary when
@@ -150,18 +157,18 @@ def delta_explorer(image: np.ndarray, cam: np.ndarray, deltas: Sequence[float] =
     if not deltas:
         raise ValueError("deltas must not be empty")
     start = int(np.argmin([abs(d - value) for d in deltas]))
-    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title, gt), f"eq. 4-5 at delta {d:.2f}"))
+    pages = [(f"{d:.2f}", _png_html(delta_figure(image, cam, d, title, gt, cut), f"eq. 4-5 at delta {d:.2f}"))
              for d in deltas]
     return static_explorer(pages, start, "δ")
 
 
 def delta_interact(image: np.ndarray, cam: np.ndarray, value: float = 0.15, title: str = "",
-                   gt: np.ndarray | None = None):
+                   gt: np.ndarray | None = None, cut: np.ndarray | None = None):
     """A live FloatSlider for delta in [0, 1] that redraws :func:`delta_figure` in the kernel (JupyterLab)."""
     slider = w.FloatSlider(value=value, min=0.0, max=1.0, step=0.01, description="δ", continuous_update=False)
 
     def show(delta: float) -> None:
-        delta_figure(image, cam, delta, title, gt)
+        delta_figure(image, cam, delta, title, gt, cut)
         plt.show()
 
     return w.interactive(show, delta=slider)
