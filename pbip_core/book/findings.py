@@ -271,8 +271,14 @@ def against(df: pd.DataFrame, ref: str, metric: str = "stage1.test.miou", by: st
     """One :func:`claim` per group against ``ref``. With ``paper = (table, dataset)`` each verdict is set against the
     paper's difference between the same rows (``row_map`` maps our names to the paper's)."""
     row_map = row_map or {}
+    groups = list(df[by].astype(str).unique())
+    if ref not in groups:                           # a profile that runs a subset of the grid (smoke: `only`)
+        return [f"the reference row {ref} did not run at this profile (ran: {', '.join(groups) or 'none'}): "
+                "nothing to compare against."]
+    if len(groups) < 2:
+        return [f"only {ref} ran at this profile: nothing to compare against."]
     out = []
-    for g in df[by].astype(str).unique():
+    for g in groups:
         if g == ref:
             continue
         p = (paper[0], paper[1], row_map.get(g, g), row_map.get(ref, ref)) if paper else None
