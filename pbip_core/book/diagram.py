@@ -51,11 +51,16 @@ SIDE: tuple[tuple[str, str], ...] = (("07", "Ablations: Tables 2-5, Fig. 3-4"), 
 
 def pipeline_svg(blocks: Sequence[Block] = FIGURE2, arrows: Sequence[tuple[int, int]] = ARROWS,
                  side: Sequence[tuple[str, str]] = SIDE, pages: Mapping[str, str] = PAGES, suffix: str = ".html",
-                 width: int = 730, box_w: int = 210, box_h: int = 50, gap_x: int = 40, gap_y: int = 26) -> str:
-    """An inline ``<svg>`` of the pipeline; every block and side note links to ``pages[chapter] + suffix``."""
+                 width: int | None = None, box_w: int = 210, box_h: int = 50, gap_x: int = 40,
+                 gap_y: int = 26) -> str:
+    """An inline ``<svg>`` of the pipeline; every block and side note links to ``pages[chapter] + suffix``.
+    ``width`` (pixels, also the page's ``max-width``): default the grid's, its columns and gaps plus a 10 px margin
+    each side (730 for the defaults)."""
     def xy(b: Block) -> tuple[float, float]:
         return 10 + b.col * (box_w + gap_x), 10 + b.row * (box_h + gap_y)
 
+    cols = max(b.col for b in blocks) + 1
+    width = int(20 + cols * box_w + (cols - 1) * gap_x) if width is None else int(width)
     rows = max(b.row for b in blocks) + 1
     height = int(20 + rows * (box_h + gap_y))
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '

@@ -88,7 +88,14 @@ def contrast(df: pd.DataFrame, a: str, b: str, metric: str = "stage1.test.miou",
 
 
 def _p(p: float) -> str:
+    """A p-value as a table cell: ``—`` (no test), ``< 0.001``, 3 decimals below 0.01, else 2."""
     return "—" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}")
+
+
+def _p_is(p: float, name: str = "p") -> str:
+    """A p-value in a sentence: ``p = 0.004`` or ``p < 0.001`` (never ``p = < 0.001``)."""
+    v = _p(p)
+    return f"{name} {v}" if v.startswith("<") else f"{name} = {v}"
 
 
 def sentence(c: Contrast, label_a: str | None = None, label_b: str | None = None) -> str:
@@ -97,9 +104,9 @@ def sentence(c: Contrast, label_a: str | None = None, label_b: str | None = None
     stats_ = []
     if c.pairs >= 2:
         stats_.append(f"paired 95 % CI {c.ci[0]:+.1f}..{c.ci[1]:+.1f}; ahead in {c.wins} of {c.pairs} seeds")
-    tests = [f"Welch p = {_p(c.p_welch)}"] if not math.isnan(c.p_welch) else []
+    tests = [_p_is(c.p_welch, "Welch p")] if not math.isnan(c.p_welch) else []
     if not math.isnan(c.p_paired):
-        tests.append(f"paired p = {_p(c.p_paired)}")
+        tests.append(_p_is(c.p_paired, "paired p"))
     n = (f"{c.pairs} seed{'s' if c.pairs != 1 else ''}" if c.pairs else f"{c.n_a} and {c.n_b} runs")
     inner = "; ".join([f"{c.diff:+.1f} pp", *stats_, ", ".join(tests), n] if tests else [f"{c.diff:+.1f} pp", n])
     return f"{la} {c.mean_a:.1f} % vs {lb} {c.mean_b:.1f} % ({inner})"
@@ -110,13 +117,16 @@ def verdict(c: Contrast, paper_diff: float | None = None) -> str:
     if math.isnan(c.p):
         core = "a single run per group: no test possible, read the difference as indicative only"
     elif not c.significant:
-        core = f"not significant at {max(c.n_a, c.n_b)} seeds (p = {_p(c.p)}): within seed noise"
+        core = f"not significant at {max(c.n_a, c.n_b)} seeds ({_p_is(c.p)}): within seed noise"
     else:
-        core = f"significant (p = {_p(c.p)})"
+        core = f"significant ({_p_is(c.p)})"
     if paper_diff is None or math.isnan(paper_diff):
         return core
     same = np.sign(paper_diff) == np.sign(c.diff)
     paper = f"the paper: {paper_diff:+.1f} pp"
+    if math.isnan(c.ci[0]) and not c.significant:       # no paired CI (one seed, or seeds that do not pair up)
+        return (f"{core}; {paper}, {'the same direction as' if same else 'the opposite direction to'} ours "
+                "(no paired CI to set it against)")
     outside = not math.isnan(c.ci[0]) and not (c.ci[0] <= paper_diff <= c.ci[1])
     if not c.significant:
         if outside:
@@ -235,8 +245,9 @@ def stage_table(df: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     cols = [c for c in STAGES if c in df.columns]
     t = df.groupby(by, sort=False)[cols].mean() * 100
     t.columns = [STAGES[c] for c in cols]
-    for c in t.columns[:-1]:
-        t[f"stage 2 - {c.split(', ')[1]} (pp)"] = t["stage 2"] - t[c]
+    if "stage 2" in t.columns:                          # stage 2's gain over each stage-1 protocol run
+        for c in [c for c in t.columns if c != "stage 2"]:
+            t[f"stage 2 - {c.split(', ')[1]} (pp)"] = t["stage 2"] - t[c]
     return t
 
 
@@ -314,7 +325,7 @@ def curve_shape(points: pd.DataFrame, x: str, metric: str = "stage1.test.miou", 
             words.append(f"the peak is at the end of the range ({label} = {xs[e]:g})")
             continue
         c = contrast(points, e, peak, metric, by)
-        words.append(f"{label} = {xs[e]:g} is {c.diff:+.1f} pp from the peak ({'p = ' + _p(c.p) if not math.isnan(c.p) else 'one run'}"
+        words.append(f"{label} = {xs[e]:g} is {c.diff:+.1f} pp from the peak ({_p_is(c.p) if not math.isnan(c.p) else 'one run'}"
                      f"{', significant' if c.significant else ', within seed noise'})")
     return f"peak at {label} = {xs[peak]:g} ({means[peak]:.1f} %); " + "; ".join(words)
 
@@ -343,7 +354,7 @@ def paper_spread(table: str | int, dataset: str, metric: str = "miou") -> float:
 def gap_sentences(diff: pd.DataFrame) -> list[str]:
     """The switches of :func:`~pbip_core.book.tables.differences_table` that move mIoU significantly, largest first."""
     d = diff[diff["explains part of the gap"].isin(["yes", "against"])].sort_values("Δ (pp)", key=abs, ascending=False)
-    out = [f"{name}: {r['Δ (pp)']:+.1f} pp (p = {_p(r['p (Welch)'])}; "
+    out = [f"{name}: {r['Δ (pp)']:+.1f} pp ({_p_is(r['p (Welch)'])}; "
            f"{'the direction of the official preset' if r['explains part of the gap'] == 'yes' else 'against the official preset'})"
            for name, r in d.iterrows()]
     n_ns = int((diff["explains part of the gap"] == "no (n.s.)").sum())

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import PBIPError
 from ..experiments.grid import plan
 from ..experiments.identity import METHOD_VERSION, code_digest
 from ..io import atomic_write_text
@@ -53,8 +54,11 @@ def published_dir(root: str | Path, profile: str) -> Path:
 def publish(results_dir: str | Path, dest: str | Path, masks: Iterable[str] = (), command: str = "") -> dict[str, Any]:
     """Copy the finished runs of ``results_dir`` (``runs/<hash>/`` with an ``ok`` row) into ``dest`` (replaced
     wholesale, through a temporary folder): :data:`SMALL_FILES` of every run and :data:`MASK_DIRS` of the runs in
-    ``masks``. Returns the index written to ``dest/published.json``."""
+    ``masks``. Returns the index written to ``dest/published.json``. Refuses (:class:`PBIPError`, ``dest``
+    untouched) a results folder without finished runs."""
     src, dest = Path(results_dir) / "runs", Path(dest)
+    if not src.is_dir():
+        raise PBIPError(f"{src}: no runs folder here, nothing to publish (run the book first)")
     masks = set(masks)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,13 +75,20 @@ def publish(results_dir: str | Path, dest: str | Path, masks: Iterable[str] = ()
             shutil.copy2(run / f, tmp / "runs" / run.name / f)
         runs[run.name] = {"grid": row.get("grid"), "method": row.get("method"), "variant": row.get("variant"),
                           "seed": row.get("seed"), "code": row.get("code"), "files": len(files)}
+    if not runs:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PBIPError(f"{src}: no finished (status ok) run here, nothing to publish; {dest} is left as it was")
     index = {"published": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_now": code_digest(),
              "method_version": METHOD_VERSION, "command": command, "runs": runs,
              "note": "small files of finished runs; restored into results/book/<profile>/experiments by `pbip book`"}
     tmp.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tmp / INDEX, json.dumps(index, indent=1))
-    shutil.rmtree(dest, ignore_errors=True)
+    old = dest.with_name(dest.name + ".old")          # swap by renames: dest is never left half deleted
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return index
 
 
@@ -88,7 +99,7 @@ def restore(published: str | Path, results_dir: str | Path) -> int:
     if not src.is_dir():
         return 0
     n = 0
-    for run in sorted(src.iterdir()):
+    for run in sorted(p for p in src.iterdir() if p.is_dir()):
         target = Path(results_dir) / "runs" / run.name
         if (target / "row.json").is_file():
             continue
