@@ -300,7 +300,9 @@ def test_amp_values_and_older_configs():
 def _notebook_grids(chapter: str) -> set[str]:
     nb = nbformat.read(ROOT / "book" / CHAPTERS[chapter][0], as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    names = set(re.findall(r"run_book_grid\(\s*\"([^\"]+)\"", code))
+    names = set(re.findall(r"(?:run_book_grid|grid_if_available)\(\s*\"([^\"]+)\"", code))
+    if "headline_runs(" in code:
+        names |= set(R.HEADLINE_GRIDS.values())
     if "stage1_run(" in code:
         names.add(BP.SHARED)
     return names

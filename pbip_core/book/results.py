@@ -258,11 +258,15 @@ def grid_if_available(name: str, ch: Any, seeds: Sequence[int] | None = None) ->
     return run_book_grid(name, ch, seeds)
 
 
+#: The grids behind the results summary (:func:`headline_runs`): name in the summary -> book grid.
+HEADLINE_GRIDS: dict[str, str] = {"table1": "book-table1", "ebhi": "book-ebhi"}
+
+
 def headline_runs(ch: Any) -> dict[str, pd.DataFrame]:
     """The runs behind the book's results summary (the intro page and the README): ``table1`` (PBIP, CAM and the
     official code, stage 1 and 2, on the chapters' dataset) and ``ebhi`` (PBIP and CAM on EBHI-Seg, chapter 10; None
     when that dataset is not here and nothing is recorded)."""
-    return {"table1": run_book_grid("book-table1", ch), "ebhi": grid_if_available("book-ebhi", ch)}
+    return {"table1": run_book_grid(HEADLINE_GRIDS["table1"], ch), "ebhi": grid_if_available(HEADLINE_GRIDS["ebhi"], ch)}
 
 
 def headline(ch: Any, runs: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
