@@ -84,6 +84,8 @@ TRACEBACK = re.compile(r"Traceback \(most recent call last\)|\bename\b|^\w*Error
 PROGRESS = re.compile(r"it/s\]|s/it\]|batch/s|img/s|\d+%\|")
 ABS_PATH = re.compile(r"(?<![\w.~-])/(?:work|tmp|home|root|Users|private|var/folders)/")
 SOURCE_MATH = re.compile(r"(?<!\\)\$[^$\n]+(?<!\\)\$|\$\$|\\begin\{|```\{math\}|\{math\}`")
+# the theme's script gives a scrollable <pre> a tabindex, so the report's tag may carry more attributes
+QA_REPORT = re.compile(r'<pre id="pbip-qa"[^>]*>(.*?)</pre>', re.S)
 CODE_TAGS = {"pre", "code", "mjx-container", "math", "textarea", "kbd", "samp"}
 CODE_CLASSES = {"cell_input", "highlight", "MathJax", "math", "notranslate"}
 SKIP_TAGS = {"script", "style", "noscript", "template", "head", "title", "svg"}
@@ -185,7 +187,7 @@ def page_problems(dom: str, source_has_math: bool, build_dirs: list[str]) -> lis
     """Every problem of a rendered page (``--dump-dom`` output with the ``pbip-qa`` report), one line each:
     ``check: snippet``."""
     problems: list[str] = []
-    qa_match = re.search(r'<pre id="pbip-qa">(.*?)</pre>', dom, re.S)
+    qa_match = QA_REPORT.search(dom)
     qa = json.loads(html.unescape(qa_match.group(1))) if qa_match else None
     dom = dom.replace(qa_match.group(0), "") if qa_match else dom
     text = PageText()
@@ -332,16 +334,23 @@ def test_pages_use_local_javascript(html_dir, vendor_ok):
     assert 'type="application/vnd.jupyter.widget-state+json"' in page, "the widget state is embedded"
 
 
+def has_source_math(markdown: str) -> bool:
+    """Whether Markdown text has maths outside code (a ``$`` in a shell line such as ``$(nproc)`` is not maths)."""
+    fenced = re.sub(r"^(```|~~~)(?!\{math\}).*?^\1", "", markdown, flags=re.S | re.M)   # ```{math} is maths
+    prose = re.sub(r"(?<!`)`[^`\n]+`(?!`)", "", fenced)
+    return bool(SOURCE_MATH.search(prose))
+
+
 def _source(root: Path, page: str) -> tuple[Path, bool]:
     """The page's source in the executed copy and whether its text (markdown cells) has maths."""
     for suffix in (".ipynb", ".md"):
         src = root / f"{page}{suffix}"
         if src.is_file():
             if suffix == ".md":
-                return src, bool(SOURCE_MATH.search(src.read_text()))
+                return src, has_source_math(src.read_text())
             cells = json.loads(src.read_text())["cells"]
             text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-            return src, bool(SOURCE_MATH.search(text))
+            return src, has_source_math(text)
     raise FileNotFoundError(f"{root / page}.ipynb|.md")
 
 
@@ -356,9 +365,16 @@ def test_page_reads_well(page, html_dir, book_root, browser, tmp_path):
     assert path.is_file(), path
     _, has_math = _source(book_root, page)
     dom = rendered_dom(browser, path, tmp_path)
-    assert '<pre id="pbip-qa">' in dom, f"{page}: the page did not finish loading in Chromium"
+    assert QA_REPORT.search(dom), f"{page}: the page did not finish loading in Chromium"
     problems = page_problems(dom, has_math, [str(html_dir.parent), str(book_root.parent)])
     assert not problems, f"{page}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:40])
+
+
+def test_source_math_ignores_code():
+    assert has_source_math("the cut $\\tau = \\delta$ of eq. 4")
+    assert has_source_math("```{math}\nx^2\n```\n")
+    assert not has_source_math('run `pbip run plan.yaml --only $(sed -n "${TASK_ID}p" runs.txt)` per task')
+    assert not has_source_math("```bash\nJOBS=$(nproc) make book\necho $HOME\n```\n")
 
 
 def test_page_checks_find_each_problem():

@@ -289,7 +289,7 @@ def stage_book(book_root: Path, work_root: Path | None = None) -> Path:
     """Copy the book's sources into ``work_root`` (default ``book_root/_build/src``) and return it.
 
     ``_config.yml``, ``_toc.yml`` and every file of ``book/`` except the chapter notebooks are copied on every call
-    (so edits to ``intro.md`` or the configuration show up); a chapter notebook is copied, clean, only when the
+    (so edits to ``cite.md`` or the configuration show up); a chapter notebook is copied, clean, only when the
     copy has none yet (an executed copy is kept). ``ROOT_POINTER`` records the way back to ``book_root``.
     """
     work = work_root or book_root / SOURCE_DIR

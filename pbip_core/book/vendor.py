@@ -5,6 +5,8 @@ This module is a Sphinx extension (``_config.yml``: ``sphinx: extra_extensions: 
 committed), points ``mathjax_path`` and myst-nb's ``nb_ipywidgets_js`` at them and copies them into
 ``_build/html/_static/vendor/``. If npm cannot reach the registry the build warns and keeps the CDN URLs.
 ``PBIP_BOOK_CDN=1`` forces the CDN; ``PBIP_VENDOR_DIR`` moves the cache.
+
+It also adds the book's small style sheet (:data:`PAGE_CSS`, written to ``_build/html/_static/pbip.css``).
 """
 
 from __future__ import annotations
@@ -131,7 +133,20 @@ def _sphinx_config_inited(app: Any, config: Any) -> None:
     config.nb_ipywidgets_js = {REQUIRE_PATH: {}, EMBED_PATH: {"data-jupyter-widgets-cdn": WIDGETS_CDN}}
 
 
+# Markdown tables (the intro's readings, cite's sources) hold long paths and config keys in <code>: let them break
+# anywhere, so a table shrinks to the content column instead of running past it.
+PAGE_CSS = """\
+.bd-article table { max-width: 100%; }
+.bd-article table td, .bd-article table th, .bd-article table code { overflow-wrap: anywhere; }
+"""
+PAGE_CSS_NAME = "pbip.css"
+
+
 def _sphinx_build_finished(app: Any, exception: Exception | None) -> None:
+    if exception is None and app.builder.format == "html":
+        static = Path(app.outdir) / "_static"
+        static.mkdir(parents=True, exist_ok=True)
+        (static / PAGE_CSS_NAME).write_text(PAGE_CSS)
     dest = getattr(app, "_pbip_vendor", None)
     if exception is None and dest is not None and app.builder.format == "html":
         shutil.copytree(dest, Path(app.outdir) / "_static" / "vendor", dirs_exist_ok=True)
@@ -141,4 +156,5 @@ def setup(app: Any) -> dict[str, Any]:
     """Sphinx extension entry point (listed in ``_config.yml`` under ``sphinx: extra_extensions``)."""
     app.connect("config-inited", _sphinx_config_inited, priority=900)
     app.connect("build-finished", _sphinx_build_finished)
+    app.add_css_file(PAGE_CSS_NAME)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
