@@ -590,3 +590,29 @@ def test_book_plan_lists_ebhi_as_not_runnable_without_its_folder(tmp_path, monke
     assert [g.name for g in both.grids] == ["book-table1"] and both.chapters == {"00": ["book-table1"], "10": []}
     assert [x["grid"] for x in both.not_runnable] == ["book-ebhi"]
     assert all(Path(s.cfg.data.root).resolve() == ch.dataset for s in both.specs)
+
+
+@pytest.mark.slow
+def test_published_shared_run_is_trained_again_and_reproduces_its_row(tmp_path):
+    """A fresh clone restores the shared stage-1 run without weights; the chapters needing them train it again
+    (the published row is not lost to a refused overwrite) and, on a CPU, get the published numbers back."""
+    from pbip_core.book import results as R
+    from pbip_core.book.chapter import ensure_dataset
+
+    first = chapter_setup("smoke", out_dir=str(tmp_path / "first"))
+    data = ensure_dataset(first)
+    trained = R.stage1_run(first)
+    assert (trained / "best.pt").is_file()
+    P.publish(R.results_dir(first), tmp_path / "pub")
+    assert not list((tmp_path / "pub").rglob("*.pt"))
+
+    clone = chapter_setup("smoke", dataset=str(data), out_dir=str(tmp_path / "clone"))
+    assert P.restore(tmp_path / "pub", R.results_dir(clone)) == 1
+    again = R.stage1_run(clone)
+    assert again.relative_to(R.results_dir(clone)) == trained.relative_to(R.results_dir(first)), "same run hash"
+    assert (again / "best.pt").is_file()
+    row_a = json.loads((trained.parent / "row.json").read_text())
+    row_b = json.loads((again.parent / "row.json").read_text())
+    assert row_b["status"] == "ok"
+    scores = [k for k in row_a if k.endswith(".miou")]
+    assert scores and all(row_a[k] == row_b[k] for k in scores), "the same seed and profile give the same numbers"
