@@ -354,10 +354,6 @@ def _source(root: Path, page: str) -> tuple[Path, bool]:
     raise FileNotFoundError(f"{root / page}.ipynb|.md")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open in issue 16: the last full run found 8 of 14 pages failing: an absolute path in chapter 07's output, "
-    "the readings table 10 px wider than the column (intro, 09), and the QA report not found in the dumped DOM "
-    "of 02, 04 and the Markdown pages (the report is there; the match is too strict)"))
 @pytest.mark.parametrize("page", PAGES, ids=[Path(p).name for p in PAGES])
 def test_page_reads_well(page, html_dir, book_root, browser, tmp_path):
     """Maths typeset, no raw TeX, no error output, no progress bar, no machine path, no table past the column."""
