@@ -17,7 +17,7 @@ script injected into a copy of the page: after load (and MathJax's start-up type
 * noise: no progress bar (tqdm text such as ``it/s]``, ``%|``, ``batch/s``; tqdm's widgets in the saved widget state);
 * paths: no absolute path (under a machine root such as work, tmp, home or root, or the build folder) in outputs or
   widget state;
-* tables: none wider than the content column (a few px of slack).
+* tables and display equations: none wider than the content column (a few px of slack).
 
 Chapters 02, 04, 05 and 06 are also saved as screenshots (1200 px wide) in ``_build/screenshots/``.
 """
@@ -106,6 +106,14 @@ QA_SCRIPT = """<script>
       out.tables.push({index: i, width: Math.round(r.width), scroll: t.scrollWidth,
                        overflowRight: Math.round(r.right - cr.right),
                        text: (t.innerText || '').replace(/\\s+/g, ' ').slice(0, 90)});
+    });
+    out.equations = [];
+    document.querySelectorAll('mjx-container[display="true"]').forEach(function (c) {
+      var m = c.querySelector('mjx-math') || c;
+      var r = m.getBoundingClientRect();
+      if (r.width === 0) { return; }
+      out.equations.push({width: Math.round(r.width), overflowRight: Math.round(r.right - cr.right),
+                          text: (c.getAttribute('aria-label') || c.textContent || '').replace(/\s+/g, ' ').slice(0, 90)});
     });
     var pre = document.createElement('pre');
     pre.id = 'pbip-qa';
@@ -232,6 +240,10 @@ def page_problems(dom: str, source_has_math: bool, build_dirs: list[str]) -> lis
             if wide > qa["column"] + TABLE_SLACK_PX or t["overflowRight"] > TABLE_SLACK_PX:
                 problems.append(f"table wider than the content column ({wide} px > {qa['column']} px, "
                                 f"{t['overflowRight']} px past its right edge): {t['text'][:80]!r}")
+        for e in qa.get("equations", []):
+            if e["width"] > qa["column"] + TABLE_SLACK_PX or e["overflowRight"] > TABLE_SLACK_PX:
+                problems.append(f"equation wider than the content column ({e['width']} px > {qa['column']} px, "
+                                f"{e['overflowRight']} px past its right edge): {e['text'][:80]!r}")
     return problems
 
 
@@ -375,7 +387,9 @@ def test_source_math_ignores_code():
 
 def test_page_checks_find_each_problem():
     """page_problems on a hand-made page with one instance of every problem names each of them."""
-    qa = {"column": 700, "tables": [{"width": 900, "scroll": 900, "overflowRight": 200, "text": "wide"}]}
+    qa = {"column": 700, "tables": [{"width": 900, "scroll": 900, "overflowRight": 200, "text": "wide"}],
+          "equations": [{"width": 760, "overflowRight": 60, "text": "IoU_c = ..."},
+                        {"width": 400, "overflowRight": -300, "text": "fits"}]}
     state = {"a": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_b"]}},
              "b": {"model_name": "FloatProgressModel", "state": {}}}
     dom = ("<html><body><p>the threshold $\\tau$ and \\frac{a}{b}</p><pre>$ ok in code</pre>"
@@ -390,6 +404,8 @@ def test_page_checks_find_each_problem():
             "error output area", "progress bar text", "progress bar widgets", "absolute path in output"} <= kinds, \
         problems
     assert any(p.startswith("table wider than the content column (900 px > 700 px") for p in problems)
+    wide_maths = [p for p in problems if p.startswith("equation wider than the content column")]
+    assert len(wide_maths) == 1 and "(760 px > 700 px, 60 px past" in wide_maths[0], problems
     clean = ("<html><body><p>the threshold <mjx-container>x</mjx-container></p><pre>$ \\tau in code</pre>"
              f"<pre id=\"pbip-qa\">{json.dumps({'column': 700, 'tables': []})}</pre></body></html>")
     assert page_problems(clean, True, []) == []
