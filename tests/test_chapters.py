@@ -146,7 +146,7 @@ def test_paper_comparison_puts_the_papers_row_beside_ours(tmp_path):
     assert num.loc["PBIP (Ours)", ("mIoU (%)", "ours mean")] == pytest.approx(60.0)           # (55 + 65) / 2
     assert num.loc["cam", ("mIoU (%)", "ours std")] == pytest.approx(100 * math.sqrt(0.0018))  # sd of .41, .47
     cap = t.attrs["caption"]
-    assert "profile demo" in cap and "seeds [0, 1, 2]" in cap and "stage-2 predictions on test" in cap
+    assert "profile demo" in cap and "seeds [0, 1, 2, 3, 4]" in cap and "stage-2 predictions on test" in cap
     # book-table1 runs at the profile's full size at demo (no trims of the grid)
     assert "synthetic stand-in for BCSS-WSSS" in cap and "book-grid trims: none" in cap
 
