@@ -113,7 +113,7 @@ QA_SCRIPT = """<script>
       var r = m.getBoundingClientRect();
       if (r.width === 0) { return; }
       out.equations.push({width: Math.round(r.width), overflowRight: Math.round(r.right - cr.right),
-                          text: (c.getAttribute('aria-label') || c.textContent || '').replace(/\s+/g, ' ').slice(0, 90)});
+                          text: (c.getAttribute('aria-label') || c.textContent || '').replace(/\\s+/g, ' ').slice(0, 90)});
     });
     var pre = document.createElement('pre');
     pre.id = 'pbip-qa';
