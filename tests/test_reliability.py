@@ -832,6 +832,22 @@ def test_a_failed_run_never_replaces_an_ok_row(tmp_path):
     assert ex.read_row(tmp_path / "results", spec.hash)["status"] == "ok"
 
 
+def test_a_failed_rerun_keeps_the_ok_row(tmp_path, capsys):
+    """--rerun-stale (or retraining a published run) that fails returns the failure but keeps the finished row."""
+    g = _grid(tmp_path, seeds=[0])
+    spec = plan(g)[0]
+    ex.run_grid(g, tmp_path / "results", step=_ok_step)
+    before = (tmp_path / "results" / "runs" / spec.hash / "row.json").read_bytes()
+
+    def failing(s, d):
+        raise RuntimeError("late failure")
+
+    row = ex.execute(spec, tmp_path / "results", step=failing, rerun=True)
+    assert row["status"] == "failed" and "late failure" in row["error"]
+    assert (tmp_path / "results" / "runs" / spec.hash / "row.json").read_bytes() == before
+    assert "earlier finished row is kept" in capsys.readouterr().err
+
+
 def test_a_run_finished_by_another_process_is_not_run_again(tmp_path):
     g = _grid(tmp_path, seeds=[0])
     spec = plan(g)[0]

@@ -346,6 +346,10 @@ def _execute(spec: RunSpec, results_dir: str | Path, step: Step | None = None) -
                code=code_digest(), method_version=METHOD_VERSION)
     row.update(_config_columns(spec.cfg))
     row.update(metrics)
+    if row["status"] == "failed" and (read_row(results_dir, spec.hash) or {}).get("status") == "ok":
+        # a failed re-run (--rerun-stale, a published run trained again) keeps the finished row it meant to refresh
+        print(f"pbip run: {spec.label}: the re-run failed; its earlier finished row is kept", file=sys.stderr)
+        return row
     atomic_write_json(run_dir / ROW_FILE, row)
     return row
 
