@@ -14,7 +14,6 @@ under ``<out_dir>/experiments/runs/<hash>``, so two chapters asking for the same
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,9 +123,6 @@ def stage1_run(ch: Any, seed: int | None = None) -> Path:
                                    "and this chapter may not train; run `pbip run --rerun-stale` or allow training")
         print(f"the shared stage-1 run {row['hash']} has no checkpoint (published results keep none): training it "
               "again", flush=True)
-        # the stage-1 folder holds only the published small files (a finished run's marker without its weights):
-        # clear it, so stage 1 starts over instead of refusing to overwrite a finished run
-        shutil.rmtree(run_dir(row, ch) / "stage1")
         again = execute(plan(grid, quiet=True)[0], results_dir(ch), rerun=True)
         if again.get("status") != "ok":
             raise DataError(f"{run_dir(row, ch)}: training the shared stage-1 run again failed: "

@@ -251,6 +251,13 @@ def _provenance(run_dir: Path, stage2: bool) -> dict[str, Any]:
     return {"device": info.get("device", ""), "weights": weights}
 
 
+def _continue(stage_dir: Path) -> dict[str, bool]:
+    """How a stage folder is taken up: resumed from its ``last.pt``; started over (``overwrite``) when it holds a
+    finished stage without weights (a published run, :mod:`pbip_core.book.publish`, run again); else a new run."""
+    resume = (stage_dir / "last.pt").is_file()
+    return {"resume": resume, "overwrite": not resume and (stage_dir / "metrics.json").is_file()}
+
+
 def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "results") -> dict[str, Any]:
     """The real pipeline of one run; returns the flat metric columns."""
     cfg, data = spec.cfg, spec.dataset
@@ -262,7 +269,7 @@ def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "resul
             save_bank(build_bank(data, cfg.bank, cache_dir=bank_path.parent / "cache", device=device,
                                  progress=progress), bank_path)
     s1 = run_dir / "stage1"
-    train(cfg, data, bank_path, s1, resume=(s1 / "last.pt").is_file(), device=device, progress=progress)
+    train(cfg, data, bank_path, s1, **_continue(s1), device=device, progress=progress)
     out: dict[str, Any] = {}
     for split in spec.splits:  # val/test: cfg.pseudo.labels and the cfg.pseudo.test_checkpoint weights
         ckpt = "last.pt" if (split != "train" and cfg.pseudo.test_checkpoint == "last") else "best.pt"
@@ -279,7 +286,7 @@ def pipeline_step(spec: RunSpec, run_dir: Path, results_dir: str | Path = "resul
         if "train" not in spec.splits:
             masks = write_pseudo_masks(s1, data, "train", masks, device=device, progress=progress)
         s2 = run_dir / "stage2"
-        res = train_stage2(cfg, data, masks, s2, resume=(s2 / "last.pt").is_file(), device=device)
+        res = train_stage2(cfg, data, masks, s2, **_continue(s2), device=device)
         for split in ("val", "test"):
             out.update(flatten_metrics("stage2", split, res[split]))
     out.update(_provenance(run_dir, spec.stage2))
