@@ -143,13 +143,14 @@ PAGE_CSS_NAME = "pbip.css"
 
 
 def _sphinx_build_finished(app: Any, exception: Exception | None) -> None:
-    if exception is None and app.builder.format == "html":
-        static = Path(app.outdir) / "_static"
-        static.mkdir(parents=True, exist_ok=True)
-        (static / PAGE_CSS_NAME).write_text(PAGE_CSS)
+    if exception is not None or app.builder.format != "html":
+        return
+    static = Path(app.outdir) / "_static"
+    static.mkdir(parents=True, exist_ok=True)
+    (static / PAGE_CSS_NAME).write_text(PAGE_CSS)
     dest = getattr(app, "_pbip_vendor", None)
-    if exception is None and dest is not None and app.builder.format == "html":
-        shutil.copytree(dest, Path(app.outdir) / "_static" / "vendor", dirs_exist_ok=True)
+    if dest is not None:
+        shutil.copytree(dest, static / "vendor", dirs_exist_ok=True)
 
 
 def setup(app: Any) -> dict[str, Any]:
