@@ -279,6 +279,11 @@ def _html(nb):
     return "\n".join(texts(nb, "text/html"))
 
 
+def _markdown(nb):
+    """The Markdown the chapter's cells display (findings paragraphs, "Not run here" lists)."""
+    return "\n".join(texts(nb, "text/markdown"))
+
+
 def _check_02(nb):
     html = _html(nb)
     for marker in ("single-class", "dropped as white", "eligible for the bank", "sub-bank size",
@@ -313,11 +318,11 @@ def _check_04_real_maps(nb):
 
 def _check_08(nb):
     html = _html(nb)
-    assert "Table 6" in "\n".join(texts(nb, "text/markdown")) + html
+    assert "Table 6" in _markdown(nb) + html
     for marker in ("Image / PLIP", "Image / imagenet-efficientnet-lite0", "F1 mean"):
         assert marker in html, f"chapter 08: no row/column {marker!r}"
     # the encoders whose weights are not here are listed under the table, with the reason
-    not_run = "\n".join(texts(nb, "text/markdown"))
+    not_run = _markdown(nb)
     assert "Not run here:" in not_run and "Text / clip" in not_run, "chapter 08: the text-prompt rows that did not run"
 
 
@@ -344,7 +349,7 @@ def _check_06(nb):
     assert "Paper (Tang et al. 2025, Table 1" in html and "PBIP (Ours)" in html, "chapter 06: Table 1"
     assert "stage-2 predictions on test" in html and "seeds [0]" in html, "chapter 06: provenance caption"
     assert "stage 2 - " in html and "(pp)" in html, "chapter 06: stage 2's gain over each stage-1 protocol"
-    found = "\n".join(texts(nb, "text/markdown"))
+    found = _markdown(nb)
     assert "What we found (stage 2, test split)" in found, "chapter 06: the findings paragraph"
     assert "a single run per group: no test possible" in found, "chapter 06: one smoke seed is not tested"
     assert len(texts(nb, "image/png")) >= 2
@@ -355,7 +360,7 @@ def _check_07(nb):
     for table in ("Table 2", "Table 5", "Table 4", "Figure 4", "Table 3"):
         assert f"Paper (Tang et al. 2025, {table}" in html, f"chapter 07: {table} beside the paper"
     assert "CLS+FGS+BGS" in html and "SIM+AT" in html and "100 clustering" in html
-    found = "\n".join(texts(nb, "text/markdown"))
+    found = _markdown(nb)
     assert "Not run here:" in found and "weights not available offline" in found, "chapter 07: Table 3 status"
     assert "no numbers for Figure 3" in "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "s = 1" in html and "no white rule" in html, "chapter 07: the readings switched back"
